@@ -1,0 +1,103 @@
+"""Configuration of one IIS measurement. Every default is the one SPEC.md §1 gives."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import IISInputError
+
+DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+DEFAULT_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+LIBRARIES = ("prototype", "cluster", "end2end", "text")
+BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
+
+
+@dataclass
+class IISConfig:
+    """All knobs of one IIS run (SPEC §1). Build with ``IISConfig(**options)``; unknown options raise."""
+
+    library: str = "prototype"          # prototype | cluster | end2end | text
+    num_concepts: int = 200             # M
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES
+    lrs: Sequence[float] = DEFAULT_LRS
+    epochs: int = 30
+    batch_size: int = 1024
+    lr_decay: float = 0.99              # lr multiplied by this after every epoch
+    seed: int = 0
+    images_per_class: int = 10          # concept-source images per class (TRAIN split only)
+    elements: Sequence[str] = ("patches", "segments")
+    prototype_selection: str = "stratified"   # stratified | first
+    max_elements: int = 20000           # cap for cluster / end2end
+    selection: str = "eval"             # epoch selection split: "eval" (reference) | "holdout"
+    selection_fraction: float = 0.1     # share of train held out when selection == "holdout"
+    eval_fraction: float = 0.2          # share of the loader held out when no eval_loader is given
+    device: str = "cpu"
+    dtype: str = "float32"              # storage dtype of features (compute is fp32)
+    backend: str = "auto"
+    cache_dir: str | None = None        # None: ~/.cache/iis_fast (or $IIS_FAST_CACHE)
+    progress: bool = True
+    extract_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.sparsities = tuple(float(s) for s in self.sparsities)
+        self.lrs = tuple(float(v) for v in self.lrs)
+        self.elements = tuple(self.elements)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.library not in LIBRARIES:
+            raise IISInputError(f"library={self.library!r}: choose one of {LIBRARIES}")
+        if self.backend not in BACKENDS:
+            raise IISInputError(f"backend={self.backend!r}: choose one of {BACKENDS}")
+        if not self.sparsities:
+            raise IISInputError("sparsities is empty: give at least one sparsity in [0, 1)")
+        for s in self.sparsities:
+            if not (0.0 <= s < 1.0):
+                raise IISInputError(f"sparsity {s} is outside [0, 1): every sparsity s must satisfy 0 <= s < 1")
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise IISInputError(f"sparsities {self.sparsities} contain duplicates")
+        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
+            raise IISInputError(f"lrs={self.lrs}: give at least one positive learning rate")
+        if self.num_concepts < 2:
+            raise IISInputError(f"num_concepts={self.num_concepts}: need at least 2 concepts")
+        for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise IISInputError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.selection not in ("eval", "holdout"):
+            raise IISInputError(f"selection={self.selection!r}: choose 'eval' or 'holdout'")
+        if self.prototype_selection not in ("stratified", "first"):
+            raise IISInputError("prototype_selection must be 'stratified' or 'first'")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise IISInputError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
+        for frac in ("selection_fraction", "eval_fraction"):
+            if not (0.0 < getattr(self, frac) < 1.0):
+                raise IISInputError(f"{frac}={getattr(self, frac)}: must be in (0, 1)")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "IISConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise IISInputError(f"unknown option(s) {unknown}; valid options: {sorted(names)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+def kept_count(num_concepts: int, sparsity: float) -> int:
+    """Entries a head at sparsity s keeps per row when |values| are distinct: M - (int(M*s) + 1)."""
+    return num_concepts - (int(num_concepts * sparsity) + 1)
+
+
+def threshold_rank(num_concepts: int, sparsity: float) -> int:
+    """k = int(M*s): entries whose |value| is strictly above the (k+1)-th smallest are kept (SPEC §1.3)."""
+    k = int(num_concepts * sparsity)
+    if k >= num_concepts:
+        raise IISInputError(f"sparsity {sparsity} keeps no entry of {num_concepts} concepts")
+    return k

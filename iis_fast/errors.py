@@ -1,0 +1,18 @@
+"""Exceptions raised on bad input. Every message names the argument at fault and how to fix it."""
+from __future__ import annotations
+
+
+class IISInputError(ValueError):
+    """Bad user input: wrong shape, NaN features, labels out of range, empty loader, ..."""
+
+
+class CheckpointError(IISInputError):
+    """A checkpoint that cannot be read, or whose keys do not match the model."""
+
+
+class DataFileError(IISInputError):
+    """A data file (e.g. an FFCV .beton) that is missing, truncated or corrupt."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested compute backend cannot run on this machine (not built, no GPU, ...)."""
