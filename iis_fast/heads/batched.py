@@ -1,0 +1,123 @@
+"""`backend="torch"`: every probe and concept head of the grid trained in one pass over the features.
+
+Same semantics as :mod:`iis_fast.heads.reference` (same init, batch order, Adam, lr schedule); the concept heads
+share a = x·Cᵀ and its LayerNorm statistics, and differ only in (γ, β, W, b), threshold rank and lr.
+Head h = si * n_lr + li holds sparsity si at learning rate li.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import ADAM_BETAS, ADAM_EPS, LN_EPS, GridOutput, GridSpec, epoch_orders, init_linear
+
+
+class GridParams:
+    """All trainable tensors of a grid, stacked per head, plus their Adam moments."""
+
+    def __init__(self, in_dim: int, num_concepts: int, spec: GridSpec, device: torch.device | str = "cpu"):
+        n_s, n_lr, k = len(spec.sparsities), len(spec.lrs), spec.num_classes
+        wp, bp = init_linear(in_dim, k, spec.seed, 0)
+        self.wp = wp.t().contiguous().expand(n_lr, in_dim, k).clone().to(device)      # [L, D, K]
+        self.bp = bp.expand(n_lr, k).clone().to(device)                                 # [L, K]
+        ws, bs = zip(*[init_linear(num_concepts, k, spec.seed, 1 + si) for si in range(n_s)])
+        self.w = torch.stack([w.t() for w in ws for _ in range(n_lr)]).contiguous().to(device)  # [H, M, K]
+        self.b = torch.stack([b for b in bs for _ in range(n_lr)]).to(device)                    # [H, K]
+        self.gamma = torch.ones(n_s * n_lr, num_concepts, device=device)                         # [H, M]
+        self.beta = torch.zeros(n_s * n_lr, num_concepts, device=device)
+        self.kidx = torch.tensor([kk for kk in spec.ks(num_concepts) for _ in range(n_lr)], device=device)
+        self.lr_probe = torch.tensor(list(spec.lrs), dtype=torch.float64)
+        self.lr_head = torch.tensor([lr for _ in spec.sparsities for lr in spec.lrs], dtype=torch.float64)
+        self.step = 0
+        self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self.tensors().items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"wp": self.wp, "bp": self.bp, "w": self.w, "b": self.b, "gamma": self.gamma, "beta": self.beta}
+
+    @torch.no_grad()
+    def adam_step(self, grads: dict[str, torch.Tensor], lr_scale: float) -> None:
+        """torch.optim.Adam's update (no weight decay), with a learning rate per head (first axis)."""
+        b1, b2 = ADAM_BETAS
+        self.step += 1
+        bc1 = 1 - b1 ** self.step
+        bc2_sqrt = math.sqrt(1 - b2 ** self.step)
+        for name, p in self.tensors().items():
+            g = grads[name]
+            m, v = self.moments[name]
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            lr = (self.lr_probe if name in ("wp", "bp") else self.lr_head) * lr_scale
+            step_size = (lr / bc1).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+            denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+            p.addcdiv_(m * step_size, denom, value=-1.0)
+
+
+def normalized_projection(x: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine) of a = x·Cᵀ over the M concepts: the part every concept head shares."""
+    a = x @ concepts.T
+    var, mean = torch.var_mean(a, dim=-1, keepdim=True, correction=0)
+    return (a - mean) * torch.rsqrt(var + LN_EPS)
+
+
+def grid_logits(x: torch.Tensor, concepts: torch.Tensor, p: dict[str, torch.Tensor], kidx: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of every probe [L,B,K] and every concept head [H,B,K] for one batch x [B,D]."""
+    n_lr, b = p["wp"].shape[0], x.shape[0]
+    probe_logits = torch.baddbmm(p["bp"][:, None, :], x.expand(n_lr, b, x.shape[1]), p["wp"])
+    ahat = normalized_projection(x, concepts)                                   # [B, M]
+    z = ahat[None] * p["gamma"][:, None, :] + p["beta"][:, None, :]            # [H, B, M]
+    az = z.detach().abs()
+    thr = az.sort(dim=-1).values.gather(-1, kidx.view(-1, 1, 1).expand(-1, b, 1))
+    z = z * (az > thr)
+    head_logits = torch.baddbmm(p["b"][:, None, :], z, p["w"])
+    return probe_logits, head_logits
+
+
+def stacked_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of each head's mean cross-entropy: the gradient of each head is its own CE's."""
+    h, b, k = logits.shape
+    return F.cross_entropy(logits.reshape(h * b, k), y.repeat(h), reduction="sum") / b
+
+
+@torch.no_grad()
+def grid_accuracy(x: torch.Tensor, y: torch.Tensor, concepts: torch.Tensor, params: GridParams,
+                  chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    correct_p = torch.zeros(params.wp.shape[0], dtype=torch.long, device=x.device)
+    correct_h = torch.zeros(params.w.shape[0], dtype=torch.long, device=x.device)
+    for i in range(0, len(x), chunk):
+        xb, yb = x[i:i + chunk].float(), y[i:i + chunk]
+        lp, lh = grid_logits(xb, concepts, params.tensors(), params.kidx)
+        correct_p += (lp.argmax(-1) == yb).sum(-1)
+        correct_h += (lh.argmax(-1) == yb).sum(-1)
+    return correct_p.cpu().numpy() / len(x), correct_h.cpu().numpy() / len(x)
+
+
+def train_grid_torch(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
+                     concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
+    """Train the whole grid at once with autograd on stacked parameters."""
+    device = x.device
+    concepts = concepts.float().to(device)
+    n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
+    params = GridParams(x.shape[1], concepts.shape[0], spec, device)
+    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
+    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
+    for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
+        lr_scale = spec.lr_decay ** epoch
+        order = order.to(device)
+        for i in range(0, len(x), spec.batch_size):
+            idx = order[i:i + spec.batch_size]
+            leaves = {n: t.detach().requires_grad_(True) for n, t in params.tensors().items()}
+            lp, lh = grid_logits(x[idx].float(), concepts, leaves, params.kidx)
+            loss = stacked_cross_entropy(lp, y[idx]) + stacked_cross_entropy(lh, y[idx])
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            params.adam_step(grads, lr_scale)
+        for j, (ex, ey) in enumerate(eval_sets):
+            pa, ha = grid_accuracy(ex, ey, concepts, params)
+            probe_acc[j, :, epoch] = pa
+            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
+        if progress is not None:
+            progress.update(n_lr * (1 + n_s))
+    return GridOutput(probe_acc, head_acc, backend="torch")
