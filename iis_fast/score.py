@@ -1,0 +1,285 @@
+"""`score_features`: IIS from precomputed features and a concept matrix (SPEC §1.3-1.6). The engine's core."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import IISConfig
+from .errors import IISInputError
+from .heads.common import GridSpec, best_epoch_choice
+from .ops import get_trainer
+from .result import IISResult, iis_from_curve
+from .validation import as_concepts, as_features, as_labels, check_classes
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, protect: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: (kept indices, held-out indices), both sorted.
+
+    Each class gives round(fraction * n_c) samples (at least 1 when it has 2 or more) chosen with `seed`;
+    indices in `protect` (e.g. concept-source images) are never held out.
+    """
+    rng = np.random.default_rng(seed)
+    protected = np.zeros(len(labels), dtype=bool)
+    if protect is not None:
+        protected[protect] = True
+    held = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero((labels == c) & ~protected)
+        n_c = int((labels == c).sum())
+        take = min(len(idx), max(1 if n_c >= 2 else 0, int(round(fraction * n_c))))
+        if take:
+            held.append(np.sort(rng.choice(idx, size=take, replace=False)))
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held_idx)
+    return keep, held_idx
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+    from . import __version__
+    out = {"iis_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version()}
+    try:
+        import timm
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concepts: Any,
+                   num_classes: int | None = None, **options: Any) -> IISResult:
+    """IIS of a representation given its features and a concept library.
+
+    Args:
+        train_x, train_y: training features [N, D] and integer labels [N].
+        eval_x, eval_y: evaluation features [N_e, D] and labels [N_e].
+        concepts: concept matrix C [M, D] (rows are L2-normalised here if they are not).
+        num_classes: K (default: 1 + the largest label seen).
+        **options: any :class:`IISConfig` field (sparsities, lrs, epochs, batch_size, seed, backend, device, ...).
+    Returns:
+        An :class:`IISResult` with iis, acc_std, acc per sparsity, the ARR curve and per-lr results.
+    """
+    stats = options.pop("_timings", {})
+    meta = options.pop("_meta", {})
+    cfg = IISConfig.from_options(**options)
+    t0 = time.perf_counter()
+    train_x = as_features(train_x, "train_x")
+    eval_x = as_features(eval_x, "eval_x")
+    if eval_x.shape[1] != train_x.shape[1]:
+        raise IISInputError(f"eval_x has D = {eval_x.shape[1]} but train_x has D = {train_x.shape[1]}")
+    train_y = as_labels(train_y, train_x.shape[0], "train_y", num_classes)
+    eval_y = as_labels(eval_y, eval_x.shape[0], "eval_y", num_classes)
+    k = int(num_classes) if num_classes is not None else int(max(train_y.max(), eval_y.max()).item()) + 1
+    check_classes(train_y, eval_y, k)
+    c = as_concepts(concepts, train_x.shape[1])
+    c = torch.nn.functional.normalize(c, dim=1)
+    m = c.shape[0]
+    cfg.num_concepts = m
+    cfg.validate()
+
+    device = torch.device(cfg.device)
+    store = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+    x_tr, y_tr = train_x, train_y
+    if cfg.selection == "holdout":
+        keep, sel = stratified_split(train_y.numpy(), cfg.selection_fraction, cfg.seed)
+        eval_sets = [(train_x[sel], train_y[sel]), (eval_x, eval_y)]
+        x_tr, y_tr = train_x[keep], train_y[keep]
+        selection_split = f"holdout({cfg.selection_fraction:g} of train, stratified, seed {cfg.seed})"
+    else:
+        eval_sets = [(eval_x, eval_y)]
+        selection_split = "eval"
+    to = lambda t: t.to(device=device, dtype=store) if t.is_floating_point() else t.to(device)
+    x_tr, y_tr = to(x_tr), to(y_tr)
+    eval_sets = [(to(a), to(b)) for a, b in eval_sets]
+
+    spec = GridSpec(num_classes=k, sparsities=cfg.sparsities, lrs=cfg.lrs, epochs=cfg.epochs,
+                    batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, seed=cfg.seed)
+    backend, trainer = get_trainer(cfg.backend, cfg.device)
+    stats["validate"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs * len(cfg.lrs) * (1 + len(cfg.sparsities)), unit="head-epoch",
+                   desc=f"training {len(cfg.lrs) * (1 + len(cfg.sparsities))} heads [{backend}]", leave=False)
+    try:
+        out = trainer(x_tr, y_tr, eval_sets, c.to(device), spec, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats["train"] = time.perf_counter() - t1
+
+    # best epoch chosen on the selection set (index 0), reported on the eval set (last index)
+    best_p, _ = best_epoch_choice(out.probe_acc[0])                   # [L]
+    best_h, _ = best_epoch_choice(out.head_acc[0])                    # [S, L]
+    rep_p = np.take_along_axis(out.probe_acc[-1], best_p[:, None], -1)[:, 0]
+    rep_h = np.take_along_axis(out.head_acc[-1], best_h[..., None], -1)[..., 0]
+    acc_std = float(rep_p.max())
+    acc = [float(v) for v in rep_h.max(axis=1)]
+    arr = [a / acc_std if acc_std > 0 else 0.0 for a in acc]
+    return IISResult(
+        iis=iis_from_curve(cfg.sparsities, arr), acc_std=acc_std, sparsities=list(cfg.sparsities), acc=acc, arr=arr,
+        lrs=list(cfg.lrs), acc_std_per_lr=[float(v) for v in rep_p], acc_per_lr=rep_h.tolist(),
+        best_epoch_std=best_p.tolist(), best_epoch=best_h.tolist(), num_concepts=m, library=meta.get("library", cfg.library),
+        seed=cfg.seed, backend=backend, eval_split=meta.get("eval_split", "eval"), selection_split=selection_split,
+        n_train=int(x_tr.shape[0]), n_eval=int(eval_x.shape[0]), num_classes=k, feature_dim=int(train_x.shape[1]),
+        config=cfg.to_dict(), versions=library_versions(), timings={k_: round(v, 4) for k_, v in stats.items()},
+        model=meta.get("model", ""),
+    )
+
+
+def _resolve_model(model: Any, checkpoint: str | None) -> tuple[torch.nn.Module, str]:
+    if isinstance(model, torch.nn.Module):
+        if checkpoint is not None:
+            from .models import load_checkpoint
+            load_checkpoint(model, checkpoint)
+        return model, type(model).__name__ + (f"@{checkpoint}" if checkpoint else "")
+    if isinstance(model, str):
+        from .models import create_model
+        return create_model(model, checkpoint=checkpoint), model + (f"@{checkpoint}" if checkpoint else "")
+    raise IISInputError(f"model must be a torch.nn.Module or a timm model name, got {type(model).__name__}")
+
+
+def _preprocessing(model: torch.nn.Module, image_mean, image_std, image_size) -> dict[str, Any]:
+    from .models import preprocessing_config
+    pre = dict(preprocessing_config(model))
+    if image_mean is not None:
+        pre["mean"] = tuple(image_mean)
+    if image_std is not None:
+        pre["std"] = tuple(image_std)
+    if image_size is not None:
+        pre["input_size"] = (3, image_size, image_size) if isinstance(image_size, int) else (3, *image_size)
+    return pre
+
+
+def _as_loader(data: Any, pre: dict[str, Any], cfg: IISConfig) -> Any:
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        from .data.loaders import resolve_loader
+        return resolve_loader(data, image_size=tuple(pre["input_size"][1:]), mean=pre["mean"], std=pre["std"],
+                              batch_size=cfg.extract_batch_size, device=cfg.device)
+    if not hasattr(data, "__iter__"):
+        raise IISInputError(f"loader must be an iterable of (images, labels) batches or a .beton path, "
+                            f"got {type(data).__name__}")
+    return data
+
+
+def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str | None = None,
+          layer: str | None = None, image_mean: Any = None, image_std: Any = None, image_size: Any = None,
+          concept_vectors: Any = None, **options: Any) -> IISResult:
+    """Inherent Interpretability Score of one model (SPEC §1), from images to score.
+
+    Args:
+        model: a ``torch.nn.Module`` (timm models use their pre-logits vector, torchvision-style models the input
+            of their classifier) or a timm model name; with ``checkpoint`` a ``state_dict``/.pth/.safetensors path.
+        loader: (images, labels) batches of the TRAIN split under eval preprocessing (a torch DataLoader, an FFCV
+            loader, any iterable) or a ``.beton`` path. Concept-source images come from here only.
+        eval_loader: the evaluation split. Without it, a deterministic stratified part of ``loader``
+            (``eval_fraction``, never a concept-source image) is held out, and ``result.eval_split`` says so.
+        layer: name of a submodule whose (pooled) output is the representation instead.
+        image_mean, image_std, image_size: the loader's normalisation (default: the model's preprocessing config);
+            used to un-normalise concept-source images and to build loaders from .beton files.
+        concept_vectors: [M, D] text concept vectors for ``library="text"``.
+        **options: :class:`IISConfig` fields (library, num_concepts, sparsities, lrs, epochs, seed, backend, ...).
+    """
+    cfg = IISConfig.from_options(**options)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    net, model_name = _resolve_model(model, checkpoint)
+    net = net.to(cfg.device).eval()
+    pre = _preprocessing(net, image_mean, image_std, image_size)
+    loader = _as_loader(loader, pre, cfg)
+    eval_loader = _as_loader(eval_loader, pre, cfg)
+    from .features import FeatureCache, data_fingerprint, extract, model_fingerprint, representation_fn
+    embed = representation_fn(net, layer)
+    cache = FeatureCache(cfg.cache_dir)
+    mfp = model_fingerprint(net, layer)
+    timings["model"] = time.perf_counter() - t
+
+    def features_of(split_loader: Any, name: str, keep: int) -> tuple[Any, Any]:
+        t0 = time.perf_counter()
+        key = cache.key("features", mfp, data_fingerprint(split_loader))
+        hit = cache.get(key)
+        timings[f"fingerprint_{name}"] = time.perf_counter() - t0
+        if hit is not None:
+            timings[f"extract_{name}"] = 0.0
+            return key, hit
+        t0 = time.perf_counter()
+        ex = extract(embed, split_loader, cfg.device, keep_per_class=keep, progress=cfg.progress,
+                     desc=f"features [{name}]")
+        as_features(ex.x, f"features of the {name} split")        # never cache NaN/inf features
+        arrays = {"x": ex.x, "y": ex.y}
+        if keep:
+            arrays.update(src_images=ex.source_images.numpy(), src_labels=ex.source_labels.numpy(),
+                          src_index=ex.source_index)
+        cache.put(key, arrays, {"model": model_name, "split": name})
+        timings[f"extract_{name}"] = time.perf_counter() - t0
+        return key, cache.get(key)
+
+    train_key, train = features_of(loader, "train", cfg.images_per_class)
+    x_all, y_all = train["x"], train["y"]
+    if eval_loader is not None:
+        _, ev = features_of(eval_loader, "eval", 0)
+        tr_idx = np.arange(len(y_all))
+        ev_x, ev_y = ev["x"], ev["y"]
+        eval_split = "eval_loader"
+    else:
+        tr_idx, ev_idx = stratified_split(np.asarray(y_all), cfg.eval_fraction, cfg.seed,
+                                          protect=np.asarray(train["src_index"]))
+        ev_x, ev_y = x_all[ev_idx], y_all[ev_idx]
+        eval_split = f"holdout({cfg.eval_fraction:g} of loader, stratified, seed {cfg.seed})"
+
+    t0 = time.perf_counter()
+    concepts = _concept_library(cfg, cache, train_key, train, embed, pre, np.asarray(x_all)[tr_idx],
+                                np.asarray(y_all)[tr_idx], concept_vectors)
+    timings["concepts"] = time.perf_counter() - t0
+    opts = cfg.to_dict()
+    return score_features(np.asarray(x_all)[tr_idx], np.asarray(y_all)[tr_idx], np.asarray(ev_x), np.asarray(ev_y),
+                          concepts, _timings=timings,
+                          _meta={"library": cfg.library, "eval_split": eval_split, "model": model_name}, **opts)
+
+
+def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str, Any], embed: Any,
+                     pre: dict[str, Any], train_x: np.ndarray, train_y: np.ndarray, concept_vectors: Any
+                     ) -> torch.Tensor:
+    """Embed the concept elements of the TRAIN concept-source images (cached) and build the library."""
+    from .concepts import build_library, embed_concept_elements
+    if cfg.library == "text":
+        if concept_vectors is None:
+            raise IISInputError("library='text' needs concept_vectors=[M, D] (e.g. from "
+                                "iis_fast.concepts.fit_text_projection with your CLIP features)")
+        return build_library("text", None, concept_vectors=torch.as_tensor(concept_vectors))
+    key = cache.key("elements", train_key, str(list(cfg.elements)), str(cfg.images_per_class))
+    hit = cache.get(key)
+    if hit is None:
+        mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
+        images01 = (torch.from_numpy(np.asarray(train["src_images"])) * std + mean).clamp(0, 1)
+        if images01.shape[1] == 1:
+            images01 = images01.expand(-1, 3, -1, -1)
+        feats, labels = embed_concept_elements(
+            embed, images01, torch.from_numpy(np.asarray(train["src_labels"])), out_size=tuple(pre["input_size"][1:]),
+            mean=pre["mean"], std=pre["std"], kinds=cfg.elements, batch_size=cfg.extract_batch_size,
+            device=cfg.device, progress=cfg.progress)
+        cache.put(key, {"feats": feats.numpy(), "labels": labels.numpy()}, {"kind": "elements"})
+        hit = cache.get(key)
+    feats = torch.from_numpy(np.asarray(hit["feats"]))
+    labels = torch.from_numpy(np.asarray(hit["labels"]))
+    opts: dict[str, Any] = {}
+    if cfg.library == "prototype":
+        opts["selection"] = cfg.prototype_selection
+    if cfg.library in ("cluster", "end2end"):
+        opts["max_elements"] = cfg.max_elements
+    if cfg.library == "end2end":
+        opts.update(train_x=torch.from_numpy(train_x).float(), train_y=torch.from_numpy(train_y).long())
+    if cfg.num_concepts > feats.shape[0]:
+        raise IISInputError(f"num_concepts={cfg.num_concepts} but only {feats.shape[0]} concept elements exist: "
+                            "lower num_concepts or raise images_per_class")
+    return build_library(cfg.library, feats, labels, cfg.num_concepts, cfg.seed, **opts)
