@@ -1,0 +1,43 @@
+"""Concept libraries for the Inherent Interpretability Score (SPEC §1.2).
+
+Typical use: pick the concept-source images with :func:`concept_source_indices` (TRAIN split only), embed
+their patch/segment elements with :func:`embed_concept_elements`, then :func:`build_library`.
+"""
+from __future__ import annotations
+
+from .elements import (
+    ELEMENT_KINDS,
+    GREY_117,
+    concept_source_indices,
+    embed_concept_elements,
+    embed_elements,
+    make_elements,
+    patch_elements,
+    patch_elements_with_sources,
+    segment_crop,
+    segment_elements,
+    segment_elements_with_sources,
+    select_segment_masks,
+    slic_label_maps,
+)
+from .libraries import (
+    LIBRARY_KINDS,
+    End2EndResult,
+    build_library,
+    cluster_library,
+    cos_cubed_similarity,
+    end2end_library,
+    fit_text_projection,
+    prototype_library,
+    stratified_indices,
+    text_library,
+)
+
+__all__ = [
+    "ELEMENT_KINDS", "GREY_117", "LIBRARY_KINDS", "End2EndResult",
+    "concept_source_indices", "patch_elements", "patch_elements_with_sources", "select_segment_masks",
+    "segment_crop", "slic_label_maps", "segment_elements", "segment_elements_with_sources", "make_elements",
+    "embed_elements", "embed_concept_elements",
+    "build_library", "prototype_library", "stratified_indices", "cluster_library", "end2end_library",
+    "fit_text_projection", "cos_cubed_similarity", "text_library",
+]

@@ -1,0 +1,363 @@
+"""Concept elements: patches and SLIC segments of concept-source images, and their embeddings (SPEC §1.2).
+
+Images are float tensors in [0, 1] of shape [N, 3, H, W] (un-normalised). Element images are
+[E, 3, out_h, out_w] in [0, 1], resized to the model's input size with antialiased bilinear interpolation.
+
+Element order is *kind-major*: all patches (image by image, row-major cells), then all segments (image by
+image, setting by setting, label order). :func:`embed_concept_elements` streams images in chunks and keeps the
+same order, so the result does not depend on the chunk size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import IISInputError
+
+ELEMENT_KINDS = ("patches", "segments")
+GREY_117 = (117, 117, 117)
+
+EmbedFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_images(images01: torch.Tensor, name: str = "images01") -> torch.Tensor:
+    if not isinstance(images01, torch.Tensor):
+        raise IISInputError(f"{name} must be a torch.Tensor of shape [N, 3, H, W] in [0, 1], got {type(images01)}")
+    if images01.ndim != 4 or images01.shape[1] != 3:
+        raise IISInputError(
+            f"{name} has shape {tuple(images01.shape)}; expected [N, 3, H, W] (RGB, channels first)")
+    if not images01.is_floating_point():
+        raise IISInputError(f"{name} has dtype {images01.dtype}; convert to float in [0, 1] (e.g. uint8 / 255)")
+    if images01.numel() and not torch.isfinite(images01).all():
+        raise IISInputError(f"{name} contains NaN or Inf; pass finite pixel values in [0, 1]")
+    return images01
+
+
+def _check_out_size(out_size: Sequence[int] | int) -> tuple[int, int]:
+    if isinstance(out_size, int):
+        out_size = (out_size, out_size)
+    try:
+        h, w = (int(v) for v in out_size)
+    except (TypeError, ValueError):
+        raise IISInputError(f"out_size={out_size!r}: give the model input size as (height, width)") from None
+    if h < 1 or w < 1:
+        raise IISInputError(f"out_size={out_size!r}: height and width must be positive")
+    return h, w
+
+
+def _as_label_array(labels: Sequence[int] | np.ndarray | torch.Tensor, name: str = "labels") -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise IISInputError(f"{name} has shape {arr.shape}; expected a 1-D sequence of integer class ids")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise IISInputError(f"{name} has dtype {arr.dtype}; pass integer class ids")
+    return arr.astype(np.int64, copy=False)
+
+
+def _resize(images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    if tuple(images.shape[-2:]) == out_size:
+        return images.clamp(0.0, 1.0)
+    out = F.interpolate(images, size=out_size, mode="bilinear", align_corners=False, antialias=True)
+    return out.clamp_(0.0, 1.0)
+
+
+# -------------------------------------------------------------------------------------------- source images
+def concept_source_indices(labels: Sequence[int] | np.ndarray | torch.Tensor,
+                           images_per_class: int = 10) -> np.ndarray:
+    """Indices of the concept-source images: the first ``images_per_class`` of every class.
+
+    ``labels`` are the TRAIN split's labels in the loader's (deterministic) order. The result is sorted
+    ascending, i.e. in that same order; a class with fewer images contributes all it has.
+    """
+    arr = _as_label_array(labels)
+    if int(images_per_class) < 1:
+        raise IISInputError(f"images_per_class={images_per_class}: must be a positive integer")
+    if arr.size == 0:
+        raise IISInputError("labels is empty: concept-source images come from a non-empty TRAIN split")
+    keep = np.zeros(arr.size, dtype=bool)
+    for cls in np.unique(arr):
+        keep[np.flatnonzero(arr == cls)[: int(images_per_class)]] = True
+    return np.flatnonzero(keep)
+
+
+# ------------------------------------------------------------------------------------------------- patches
+def patch_elements_with_sources(images01: torch.Tensor, grid: int = 4,
+                                out_size: Sequence[int] | int = (224, 224)) -> tuple[torch.Tensor, np.ndarray]:
+    """Like :func:`patch_elements`, also returning the source-image index of every element."""
+    images01 = _check_images(images01)
+    size = _check_out_size(out_size)
+    if int(grid) < 1:
+        raise IISInputError(f"grid={grid}: must be a positive integer")
+    n, _, h, w = images01.shape
+    if h < grid or w < grid:
+        raise IISInputError(f"images are {h}x{w}, too small for a {grid}x{grid} patch grid; lower grid")
+    rows = [round(i * h / grid) for i in range(grid + 1)]
+    cols = [round(j * w / grid) for j in range(grid + 1)]
+    cells = []
+    for i in range(grid):
+        for j in range(grid):
+            crop = images01[:, :, rows[i]:rows[i + 1], cols[j]:cols[j + 1]]
+            cells.append(_resize(crop.float(), size))
+    out = torch.stack(cells, dim=1).reshape(n * grid * grid, 3, *size) if n else images01.new_zeros(0, 3, *size)
+    sources = np.repeat(np.arange(n), grid * grid)
+    return out, sources
+
+
+def patch_elements(images01: torch.Tensor, grid: int = 4,
+                   out_size: Sequence[int] | int = (224, 224)) -> torch.Tensor:
+    """A ``grid`` x ``grid`` grid of crops of every image (row-major), each resized to ``out_size``.
+
+    Returns [N * grid**2, 3, out_h, out_w]; elements of image i are rows i*grid**2 .. (i+1)*grid**2 - 1.
+    """
+    return patch_elements_with_sources(images01, grid, out_size)[0]
+
+
+# ------------------------------------------------------------------------------------------------ segments
+def select_segment_masks(label_maps: Sequence[np.ndarray], max_per_setting: int = 5,
+                         min_area_frac: float = 0.001, max_jaccard: float = 0.5) -> list[np.ndarray]:
+    """Choose segment masks of one image from its SLIC label maps (one map per n_segments setting).
+
+    For each setting in order, segments are visited in label order; a segment is kept when its mask covers
+    more than ``min_area_frac`` of the image and its Jaccard overlap with every mask kept so far (any setting)
+    is at most ``max_jaccard``; at most ``max_per_setting`` are kept per setting.
+    """
+    kept: list[np.ndarray] = []
+    for seg in label_maps:
+        seg = np.asarray(seg)
+        n_kept = 0
+        for lab in np.unique(seg):
+            if n_kept >= max_per_setting:
+                break
+            mask = seg == lab
+            if mask.mean() <= min_area_frac:
+                continue
+            if any(np.logical_and(mask, k).sum() / np.logical_or(mask, k).sum() > max_jaccard for k in kept):
+                continue
+            kept.append(mask)
+            n_kept += 1
+    return kept
+
+
+def segment_crop(image01: torch.Tensor, mask: np.ndarray | torch.Tensor,
+                 fill: Sequence[int] = GREY_117) -> torch.Tensor:
+    """The bounding box of ``mask`` cut from ``image01`` [3, H, W], pixels outside the mask set to fill/255."""
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.bool)
+    if m.shape != image01.shape[-2:]:
+        raise IISInputError(f"mask has shape {tuple(m.shape)}; it must match the image's {tuple(image01.shape[-2:])}")
+    if not m.any():
+        raise IISInputError("mask is empty: a segment needs at least one pixel")
+    ys = torch.nonzero(m.any(dim=1)).flatten()
+    xs = torch.nonzero(m.any(dim=0)).flatten()
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    grey = torch.tensor([float(v) / 255.0 for v in fill], dtype=image01.dtype).view(3, 1, 1)
+    crop = image01[:, y0:y1, x0:x1]
+    return torch.where(m[y0:y1, x0:x1].unsqueeze(0), crop, grey)
+
+
+def slic_label_maps(image01: torch.Tensor, n_segments: Sequence[int] = (10, 20, 30),
+                    compactness: float = 10, sigma: float = 1) -> list[np.ndarray]:
+    """SLIC label maps (``skimage.segmentation.slic``, start_label=0) of one [3, H, W] image, one per setting."""
+    from skimage.segmentation import slic
+
+    hwc = image01.detach().cpu().permute(1, 2, 0).double().numpy()
+    return [slic(hwc, n_segments=int(k), compactness=compactness, sigma=sigma, channel_axis=-1, start_label=0)
+            for k in n_segments]
+
+
+def segment_elements_with_sources(images01: torch.Tensor, out_size: Sequence[int] | int = (224, 224),
+                                  n_segments: Sequence[int] = (10, 20, 30), compactness: float = 10,
+                                  sigma: float = 1, max_per_setting: int = 5, min_area_frac: float = 0.001,
+                                  max_jaccard: float = 0.5, fill: Sequence[int] = GREY_117,
+                                  ) -> tuple[torch.Tensor, np.ndarray]:
+    """Like :func:`segment_elements`, also returning the source-image index of every element."""
+    images01 = _check_images(images01)
+    size = _check_out_size(out_size)
+    if len(tuple(fill)) != 3:
+        raise IISInputError(f"fill={fill!r}: give one 0-255 grey level per RGB channel, e.g. (117, 117, 117)")
+    if int(max_per_setting) < 1:
+        raise IISInputError(f"max_per_setting={max_per_setting}: must be a positive integer")
+    if not n_segments or any(int(k) < 1 for k in n_segments):
+        raise IISInputError(f"n_segments={n_segments!r}: give one or more positive segment counts")
+    elements: list[torch.Tensor] = []
+    sources: list[int] = []
+    for i in range(images01.shape[0]):
+        img = images01[i].float()
+        maps = slic_label_maps(img, n_segments, compactness, sigma)
+        for mask in select_segment_masks(maps, int(max_per_setting), min_area_frac, max_jaccard):
+            elements.append(_resize(segment_crop(img, mask, fill).unsqueeze(0), size))
+            sources.append(i)
+    out = torch.cat(elements) if elements else images01.new_zeros(0, 3, *size, dtype=torch.float32)
+    return out, np.asarray(sources, dtype=np.int64)
+
+
+def segment_elements(images01: torch.Tensor, out_size: Sequence[int] | int = (224, 224),
+                     n_segments: Sequence[int] = (10, 20, 30), compactness: float = 10, sigma: float = 1,
+                     max_per_setting: int = 5, min_area_frac: float = 0.001, max_jaccard: float = 0.5,
+                     fill: Sequence[int] = GREY_117) -> torch.Tensor:
+    """SLIC-segment elements of every image: masked bounding-box crops resized to ``out_size`` (SPEC §1.2).
+
+    See :func:`select_segment_masks` for which segments are kept. Use
+    :func:`segment_elements_with_sources` to know which image each element came from.
+    """
+    return segment_elements_with_sources(images01, out_size, n_segments, compactness, sigma, max_per_setting,
+                                         min_area_frac, max_jaccard, fill)[0]
+
+
+# ------------------------------------------------------------------------------------------------ together
+def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in ELEMENT_KINDS]
+    if not kinds or bad or len(set(kinds)) != len(kinds):
+        raise IISInputError(f"kinds={kinds!r}: choose one or more distinct kinds of {ELEMENT_KINDS}")
+    return kinds
+
+
+def _elements_of_kind(kind: str, images01: torch.Tensor, out_size: tuple[int, int], grid: int,
+                      segment_opts: dict) -> tuple[torch.Tensor, np.ndarray]:
+    if kind == "patches":
+        return patch_elements_with_sources(images01, grid, out_size)
+    return segment_elements_with_sources(images01, out_size, **segment_opts)
+
+
+def make_elements(images01: torch.Tensor, labels: Sequence[int] | np.ndarray | torch.Tensor,
+                  kinds: Sequence[str] = ELEMENT_KINDS, out_size: Sequence[int] | int = (224, 224),
+                  grid: int = 4, **segment_opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """All element images of ``images01`` and their class labels (inherited from the source image).
+
+    Order is kind-major (all patches, then all segments). ``segment_opts`` go to :func:`segment_elements`.
+    For many images prefer :func:`embed_concept_elements`, which never holds all element images at once.
+    """
+    images01 = _check_images(images01)
+    lab = _as_label_array(labels)
+    if lab.shape[0] != images01.shape[0]:
+        raise IISInputError(f"labels has {lab.shape[0]} entries but images01 has {images01.shape[0]} images")
+    size = _check_out_size(out_size)
+    imgs, labs = [], []
+    for kind in _check_kinds(kinds):
+        el, src = _elements_of_kind(kind, images01, size, grid, segment_opts)
+        imgs.append(el)
+        labs.append(torch.as_tensor(lab[src], dtype=torch.long))
+    return torch.cat(imgs), torch.cat(labs)
+
+
+# ----------------------------------------------------------------------------------------------- embedding
+def _stats(v: Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
+    t = torch.as_tensor(v, dtype=torch.float32).flatten()
+    if t.numel() not in (1, 3) or not torch.isfinite(t).all():
+        raise IISInputError(f"{name}={v!r}: give 3 finite per-channel values (the loader's normalisation)")
+    if name == "std" and (t <= 0).any():
+        raise IISInputError(f"std={v!r}: every channel's std must be positive")
+    return t.expand(3).reshape(1, 3, 1, 1).clone()
+
+
+def _embed_batches(embed_fn: EmbedFn, element_images01: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor,
+                   batch_size: int, device: torch.device | str | None, bar) -> torch.Tensor:
+    outs = []
+    with torch.no_grad():
+        for start in range(0, element_images01.shape[0], batch_size):
+            batch = element_images01[start:start + batch_size].float()
+            batch = (batch - mean_t) / std_t
+            if device is not None:
+                batch = batch.to(device)
+            f = embed_fn(batch)
+            if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != batch.shape[0]:
+                shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f)
+                raise IISInputError(f"embed_fn returned {shape} for a batch of {batch.shape[0]}; it must return [B, D]")
+            outs.append(F.normalize(f.detach().float(), dim=1).cpu())
+            if bar is not None:
+                bar.update(batch.shape[0])
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def embed_elements(embed_fn: EmbedFn, element_images01: torch.Tensor, mean: Sequence[float] | torch.Tensor,
+                   std: Sequence[float] | torch.Tensor, batch_size: int = 64, progress: bool = True,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Backbone features of element images: normalise with mean/std, ``embed_fn`` in batches, L2-normalise rows.
+
+    ``embed_fn(batch [B,3,H,W]) -> [B, D]`` runs under ``torch.no_grad``; the batch is moved to ``device``
+    when given. Returns float32 [E, D] on the CPU.
+    """
+    element_images01 = _check_images(element_images01, "element_images01")
+    if int(batch_size) < 1:
+        raise IISInputError(f"batch_size={batch_size}: must be a positive integer")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=element_images01.shape[0], desc="embed elements", unit="el", disable=not progress)
+    try:
+        return _embed_batches(embed_fn, element_images01, _stats(mean, "mean"), _stats(std, "std"),
+                              int(batch_size), device, bar)
+    finally:
+        bar.close()
+
+
+def _image_chunks(images01, labels, chunk_images: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    if isinstance(images01, torch.Tensor):
+        images01 = _check_images(images01)
+        lab = _as_label_array(labels)
+        if lab.shape[0] != images01.shape[0]:
+            raise IISInputError(f"labels has {lab.shape[0]} entries but images01 has {images01.shape[0]} images")
+        for start in range(0, images01.shape[0], chunk_images):
+            yield images01[start:start + chunk_images], lab[start:start + chunk_images]
+        return
+    if labels is not None:
+        raise IISInputError("labels must be None when images01 is an iterable of (images01, labels) chunks")
+    for item in images01:
+        try:
+            imgs, lab = item
+        except (TypeError, ValueError):
+            raise IISInputError("images01 as an iterable must yield (images01 [n,3,H,W], labels [n]) pairs") from None
+        imgs, lab = _check_images(imgs), _as_label_array(lab)
+        if lab.shape[0] != imgs.shape[0]:
+            raise IISInputError(f"a chunk has {lab.shape[0]} labels for {imgs.shape[0]} images")
+        yield imgs, lab
+
+
+def embed_concept_elements(embed_fn: EmbedFn,
+                           images01: torch.Tensor | Iterable[tuple[torch.Tensor, Sequence[int]]],
+                           labels: Sequence[int] | np.ndarray | torch.Tensor | None,
+                           out_size: Sequence[int] | int, mean: Sequence[float] | torch.Tensor,
+                           std: Sequence[float] | torch.Tensor, kinds: Sequence[str] = ELEMENT_KINDS,
+                           grid: int = 4, chunk_images: int = 8, batch_size: int = 64,
+                           device: torch.device | str | None = None, progress: bool = True,
+                           **segment_opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make and embed every element of the concept-source images, streaming so memory stays small.
+
+    ``images01`` is either a tensor [N, 3, H, W] with ``labels`` [N], or an iterable of
+    ``(images01_chunk, labels_chunk)`` pairs (then ``labels=None``). Elements are built for
+    ``chunk_images`` source images at a time, embedded with :func:`embed_elements` and dropped.
+    Returns ``(element_feats [E, D] float32, L2-normalised rows; element_labels [E] long)`` in the same
+    kind-major order as :func:`make_elements`.
+    """
+    kinds = _check_kinds(kinds)
+    size = _check_out_size(out_size)
+    if int(chunk_images) < 1 or int(batch_size) < 1:
+        raise IISInputError(f"chunk_images={chunk_images}, batch_size={batch_size}: both must be positive")
+    mean_t, std_t = _stats(mean, "mean"), _stats(std, "std")
+    from tqdm.auto import tqdm
+
+    feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    labs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    bar = tqdm(desc="concept elements", unit="img", disable=not progress)
+    try:
+        for imgs, lab in _image_chunks(images01, labels, int(chunk_images)):
+            for kind in kinds:
+                el, src = _elements_of_kind(kind, imgs, size, grid, segment_opts)
+                if el.shape[0]:
+                    feats[kind].append(_embed_batches(embed_fn, el, mean_t, std_t, int(batch_size), device, None))
+                    labs[kind].append(torch.as_tensor(lab[src], dtype=torch.long))
+            bar.update(imgs.shape[0])
+    finally:
+        bar.close()
+    all_feats = [f for k in kinds for f in feats[k]]
+    if not all_feats:
+        raise IISInputError("no concept elements were produced: images01 is empty or every segment was rejected")
+    return torch.cat(all_feats), torch.cat([l for k in kinds for l in labs[k]])

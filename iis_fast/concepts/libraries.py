@@ -1,0 +1,349 @@
+"""Concept libraries C [M, D] (rows L2-normalised) built from element features (SPEC §1.2).
+
+- prototype: M elements themselves (stratified per class, or the first M);
+- cluster: k-means centres over up to ``max_elements`` elements;
+- end2end: a learned hard assignment of elements to M concepts (straight-through Gumbel-softmax);
+- text: concept vectors fitted Label-free-CBM style (see :func:`fit_text_projection`).
+
+Every builder is deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import IISInputError
+
+LIBRARY_KINDS = ("prototype", "cluster", "end2end", "text")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _as_feats(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise IISInputError(f"{name} has shape {tuple(t.shape)}; expected a non-empty 2-D [rows, D] matrix")
+    if not (t.is_floating_point()):
+        raise IISInputError(f"{name} has dtype {t.dtype}; pass floating-point features")
+    t = t.detach().float().cpu()
+    if not torch.isfinite(t).all():
+        raise IISInputError(f"{name} contains NaN or Inf; recompute the features (check the backbone / inputs)")
+    return t
+
+
+def _as_labels(y, n: int, name: str, other: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y))
+    if t.ndim != 1:
+        raise IISInputError(f"{name} has shape {tuple(t.shape)}; expected a 1-D vector of integer class ids")
+    if t.shape[0] != n:
+        raise IISInputError(f"{name} has {t.shape[0]} entries but {other} has {n} rows; they must match")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise IISInputError(f"{name} has dtype {t.dtype}; pass integer class ids")
+    if n and int(t.min()) < 0:
+        raise IISInputError(f"{name} contains negative class ids; use ids 0..K-1")
+    return t.long()
+
+
+def _check_m(num_concepts: int, n_elements: int, kind: str) -> int:
+    m = int(num_concepts)
+    if m < 1:
+        raise IISInputError(f"num_concepts={num_concepts}: must be a positive integer")
+    if m > n_elements:
+        raise IISInputError(
+            f"num_concepts={m} but only {n_elements} elements exist for the {kind} library: num_concepts must be "
+            f"<= {n_elements}; lower num_concepts or raise images_per_class (more concept-source images)")
+    return m
+
+
+def _normalise_rows(c: torch.Tensor) -> torch.Tensor:
+    return F.normalize(c.float(), dim=1).contiguous()
+
+
+def _subsample(n: int, max_elements: int | None, seed: int) -> np.ndarray:
+    if max_elements is None or n <= int(max_elements):
+        return np.arange(n)
+    if int(max_elements) < 1:
+        raise IISInputError(f"max_elements={max_elements}: must be a positive integer or None")
+    return np.sort(np.random.default_rng(seed).choice(n, int(max_elements), replace=False))
+
+
+# ------------------------------------------------------------------------------------------------ prototype
+def stratified_indices(labels: torch.Tensor | np.ndarray, num: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``num`` items spread evenly over classes (deterministic for ``seed``).
+
+    Every class gets min(its size, floor(num / #classes)); the leftover picks go one at a time to classes that
+    still have items, visiting classes in a seeded random order. Within a class the items are a seeded random
+    choice. The result is grouped by class (ascending class id), ascending within a class.
+    """
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if num > lab.shape[0]:
+        raise IISInputError(f"cannot pick {num} items from {lab.shape[0]}; lower num_concepts")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(lab)
+    members = [np.flatnonzero(lab == c) for c in classes]
+    counts = np.array([len(m) for m in members])
+    quotas = np.minimum(counts, num // len(classes))
+    remaining = num - int(quotas.sum())
+    order = rng.permutation(len(classes))
+    while remaining > 0:
+        for ci in order:
+            if remaining == 0:
+                break
+            if quotas[ci] < counts[ci]:
+                quotas[ci] += 1
+                remaining -= 1
+    picks = [np.sort(rng.choice(m, int(q), replace=False)) for m, q in zip(members, quotas)]
+    return np.concatenate(picks).astype(np.int64)
+
+
+def prototype_library(element_feats: torch.Tensor, element_labels, num_concepts: int = 200, seed: int = 0,
+                      selection: str = "stratified") -> torch.Tensor:
+    """M element features as concepts: ``"stratified"`` (even per-class seeded pick) or ``"first"`` (first M)."""
+    feats = _as_feats(element_feats, "element_feats")
+    labels = _as_labels(element_labels, feats.shape[0], "element_labels", "element_feats")
+    m = _check_m(num_concepts, feats.shape[0], "prototype")
+    if selection == "first":
+        idx = np.arange(m)
+    elif selection == "stratified":
+        idx = stratified_indices(labels, m, seed)
+    else:
+        raise IISInputError(f"selection={selection!r}: choose 'stratified' or 'first'")
+    return _normalise_rows(feats[torch.as_tensor(idx)])
+
+
+# -------------------------------------------------------------------------------------------------- cluster
+def cluster_library(element_feats: torch.Tensor, num_concepts: int = 200, seed: int = 0,
+                    max_elements: int | None = 20000, n_init: int = 1, max_iter: int = 300) -> torch.Tensor:
+    """k-means (k-means++ init, ``random_state=seed``) over up to ``max_elements`` elements; C = unit centres."""
+    from sklearn.cluster import KMeans
+
+    feats = _as_feats(element_feats, "element_feats")
+    idx = _subsample(feats.shape[0], max_elements, seed)
+    x = feats[torch.as_tensor(idx)]
+    m = _check_m(num_concepts, x.shape[0], "cluster")
+    km = KMeans(n_clusters=m, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed)
+    km.fit(x.double().numpy())
+    centres = torch.from_numpy(km.cluster_centers_).float()
+    norms = centres.norm(dim=1)
+    for j in torch.nonzero(norms < 1e-8).flatten().tolist():   # a centre of cancelling points: use a member
+        members = np.flatnonzero(km.labels_ == j)
+        centres[j] = x[int(members[0])] if members.size else x[j]
+    return _normalise_rows(centres)
+
+
+# -------------------------------------------------------------------------------------------------- end2end
+@dataclass
+class End2EndResult:
+    """What :func:`end2end_library` learned (returned with ``return_details=True``)."""
+
+    concepts: torch.Tensor            # [M, D] unit rows (argmax assignment, no noise)
+    assignment: torch.Tensor          # [E_used] concept id of every used element (argmax)
+    element_index: np.ndarray         # [E_used] indices into element_feats of the used elements
+    empty_concepts: list[int]         # concepts that got no element and fell back to their best element
+    train_accuracy: float             # accuracy on train_x of the jointly trained classifier, argmax concepts
+    losses: list[float] = field(default_factory=list)   # mean training loss per epoch
+
+
+def _gumbel_softmax_hard(logits: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
+    """Straight-through Gumbel-softmax as ``F.gumbel_softmax(hard=True)``, with seeded noise."""
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp_(1e-10, 1.0 - 1e-7)
+    u = u.to(logits.device)
+    gumbels = -torch.log(-torch.log(u))
+    soft = torch.softmax((logits + gumbels) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def _concepts_from_assignment(assign: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    return F.normalize(assign.t() @ feats, dim=1)
+
+
+def end2end_library(element_feats: torch.Tensor, num_concepts: int = 200, seed: int = 0, *,
+                    train_x: torch.Tensor, train_y, max_elements: int | None = 20000, tau: float = 0.1,
+                    epochs: int = 10, lr: float = 1e-2, batch_size: int = 1024,
+                    max_train_samples: int | None = 50000, return_details: bool = False,
+                    device: torch.device | str | None = None) -> torch.Tensor | End2EndResult:
+    """A learned hard assignment of elements to M concepts; concept m = unit sum of its elements' features.
+
+    Trainable logits [E, M] (seeded small init) -> LayerNorm over M -> straight-through Gumbel-softmax (tau)
+    give a one-hot assignment; C = row-normalised (assignmentᵀ · feats). Trained jointly with a concept
+    classifier ``Linear(LayerNorm(x · Cᵀ))`` by cross-entropy on (train_x, train_y) with Adam.
+    The returned C uses the argmax assignment (no Gumbel noise). A concept with no element falls back to the
+    not-yet-used element with the highest LayerNorm'd logit for it, so no row is zero.
+    ``max_train_samples`` caps the training rows (seeded subsample; None = all). ``device`` runs the training
+    there (e.g. "cuda"); random numbers are drawn on the CPU so results do not depend on it. C returns on CPU.
+    """
+    feats_all = _as_feats(element_feats, "element_feats")
+    x = _as_feats(train_x, "train_x")
+    y = _as_labels(train_y, x.shape[0], "train_y", "train_x")
+    if x.shape[1] != feats_all.shape[1]:
+        raise IISInputError(f"train_x has D={x.shape[1]} but element_feats has D={feats_all.shape[1]}; "
+                            "both must be features of the same backbone")
+    if not tau > 0:
+        raise IISInputError(f"tau={tau}: the Gumbel-softmax temperature must be positive")
+    if int(epochs) < 1 or int(batch_size) < 1 or not lr > 0:
+        raise IISInputError(f"epochs={epochs}, batch_size={batch_size}, lr={lr}: all must be positive")
+    el_idx = _subsample(feats_all.shape[0], max_elements, seed)
+    feats = feats_all[torch.as_tensor(el_idx)]
+    m = _check_m(num_concepts, feats.shape[0], "end2end")
+    rows = _subsample(x.shape[0], max_train_samples, seed + 1)
+    x, y = x[torch.as_tensor(rows)], y[torch.as_tensor(rows)]
+    n_classes = int(y.max()) + 1
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    gen = torch.Generator().manual_seed(int(seed))
+    logits = torch.nn.Parameter((0.01 * torch.randn(feats.shape[0], m, generator=gen)).to(dev))
+    assign_norm = torch.nn.LayerNorm(m)
+    act_norm = torch.nn.LayerNorm(m)
+    head = torch.nn.Linear(m, n_classes)
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(head.weight, std=0.02, generator=gen)
+        head.bias.zero_()
+    assign_norm.to(dev), act_norm.to(dev), head.to(dev)
+    feats, x, y = feats.to(dev), x.to(dev), y.to(dev)
+    params = [logits, *assign_norm.parameters(), *act_norm.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+
+    losses: list[float] = []
+    n = x.shape[0]
+    for _ in range(int(epochs)):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, int(batch_size)):
+            b = perm[start:start + int(batch_size)].to(dev)
+            assign = _gumbel_softmax_hard(assign_norm(logits), tau, gen)
+            c = _concepts_from_assignment(assign, feats)
+            loss = F.cross_entropy(head(act_norm(x[b] @ c.t())), y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * b.numel()
+        losses.append(total / n)
+
+    with torch.no_grad():
+        scores = assign_norm(logits)
+        hard = scores.argmax(dim=1)
+        counts = torch.bincount(hard, minlength=m)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        c = _concepts_from_assignment(F.one_hot(hard, m).float(), feats)
+        used: set[int] = set()
+        for j in empty:
+            order = torch.argsort(scores[:, j], descending=True, stable=True).tolist()
+            pick = next(i for i in order if i not in used)
+            used.add(pick)
+            c[j] = F.normalize(feats[pick], dim=0)
+        acc = float((head(act_norm(x @ c.t())).argmax(dim=1) == y).float().mean())
+    c = _normalise_rows(c.cpu())
+    hard = hard.cpu()
+    if not return_details:
+        return c
+    return End2EndResult(concepts=c, assignment=hard, element_index=el_idx, empty_concepts=empty,
+                         train_accuracy=acc, losses=losses)
+
+
+# ----------------------------------------------------------------------------------------------------- text
+def cos_cubed_similarity(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-column (concept) cosine over samples of mean-centred, cubed ``pred`` and ``target`` [N, T] -> [T]."""
+    p = (pred - pred.mean(dim=0, keepdim=True)) ** 3
+    t = (target - target.mean(dim=0, keepdim=True)) ** 3
+    p = p / p.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    t = t / t.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    return (p * t).sum(dim=0)
+
+
+def fit_text_projection(image_feats: torch.Tensor, clip_image_feats: torch.Tensor, clip_text_feats: torch.Tensor,
+                        steps: int = 1000, lr: float = 1e-3, seed: int = 0, batch_size: int = 50000,
+                        return_similarity: bool = False, device: torch.device | str | None = None,
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Concept vectors W [T, D] fitted Label-free-CBM style (bias-free projection D -> T).
+
+    Target S = unit(clip_image_feats) · unit(clip_text_feats)ᵀ [N, T]; prediction P = image_feats · Wᵀ.
+    Adam minimises -mean over concepts of :func:`cos_cubed_similarity`(P, S) for ``steps`` steps on seeded
+    random batches of ``batch_size`` rows (all rows when N <= batch_size). Returns W with unit rows, plus the
+    per-concept similarity on all rows when ``return_similarity`` (LF-CBM drops concepts below a cutoff).
+    ``device`` runs the fit there; the seeded initialisation and batches are drawn on the CPU.
+    """
+    x = _as_feats(image_feats, "image_feats")
+    ci = _as_feats(clip_image_feats, "clip_image_feats")
+    ct = _as_feats(clip_text_feats, "clip_text_feats")
+    if ci.shape[0] != x.shape[0]:
+        raise IISInputError(f"clip_image_feats has {ci.shape[0]} rows but image_feats has {x.shape[0]}; "
+                            "give CLIP features of the same images in the same order")
+    if ci.shape[1] != ct.shape[1]:
+        raise IISInputError(f"clip_image_feats has width {ci.shape[1]} but clip_text_feats {ct.shape[1]}; "
+                            "both must come from the same CLIP model")
+    if x.shape[0] < 2:
+        raise IISInputError("image_feats needs at least 2 rows (similarities are mean-centred over samples)")
+    if int(steps) < 1 or int(batch_size) < 2 or not lr > 0:
+        raise IISInputError(f"steps={steps}, batch_size={batch_size}, lr={lr}: steps >= 1, batch_size >= 2, lr > 0")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    target = (F.normalize(ci, dim=1) @ F.normalize(ct, dim=1).t()).to(dev)
+    x = x.to(dev)
+    gen = torch.Generator().manual_seed(int(seed))
+    w = torch.nn.Parameter((torch.randn(ct.shape[0], x.shape[1], generator=gen) / math.sqrt(x.shape[1])).to(dev))
+    opt = torch.optim.Adam([w], lr=lr)
+    n, bs = x.shape[0], min(int(batch_size), x.shape[0])
+    for _ in range(int(steps)):
+        b = torch.randperm(n, generator=gen)[:bs].to(dev) if bs < n else slice(None)
+        loss = -cos_cubed_similarity(x[b] @ w.t(), target[b]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    w_out = _normalise_rows(w.detach())
+    if not return_similarity:
+        return w_out.cpu()
+    with torch.no_grad():
+        sim = cos_cubed_similarity(x @ w_out.t(), target)
+    return w_out.cpu(), sim.cpu()
+
+
+def text_library(text_concept_vectors: torch.Tensor, feature_dim: int | None = None) -> torch.Tensor:
+    """Concept vectors [M, D] (e.g. from :func:`fit_text_projection`) as a library: rows L2-normalised.
+
+    Pass ``feature_dim`` (the backbone's D) to check the vectors fit; a [D, M] matrix is transposed when that
+    is the only way it fits.
+    """
+    c = _as_feats(text_concept_vectors, "text_concept_vectors")
+    if feature_dim is not None and c.shape[1] != int(feature_dim):
+        if c.shape[0] == int(feature_dim):
+            c = c.t()
+        else:
+            raise IISInputError(f"text_concept_vectors has shape {tuple(c.shape)}; expected [M, {feature_dim}] "
+                                "(one row per concept, width = the backbone's feature size)")
+    if (c.norm(dim=1) < 1e-12).any():
+        raise IISInputError("text_concept_vectors has an all-zero row; drop that concept")
+    return _normalise_rows(c)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def build_library(kind: str, element_feats: torch.Tensor | None, element_labels=None, num_concepts: int = 200,
+                  seed: int = 0, **opts) -> torch.Tensor:
+    """Build a concept library C [M, D] (unit rows) of ``kind`` in ``LIBRARY_KINDS``.
+
+    Options by kind: prototype ``selection``; cluster ``max_elements, n_init, max_iter``; end2end ``train_x,
+    train_y`` (required), ``max_elements, tau, epochs, lr, batch_size, max_train_samples``; text
+    ``concept_vectors`` (required, e.g. from :func:`fit_text_projection`; element_feats may be None).
+    """
+    if kind == "prototype":
+        return prototype_library(element_feats, element_labels, num_concepts, seed, **opts)
+    if kind == "cluster":
+        if element_labels is not None:
+            _as_labels(element_labels, _as_feats(element_feats, "element_feats").shape[0],
+                       "element_labels", "element_feats")
+        return cluster_library(element_feats, num_concepts, seed, **opts)
+    if kind == "end2end":
+        missing = [k for k in ("train_x", "train_y") if k not in opts]
+        if missing:
+            raise IISInputError(f"the end2end library needs {missing}: pass the TRAIN features and labels")
+        return end2end_library(element_feats, num_concepts, seed, **opts)
+    if kind == "text":
+        if "concept_vectors" not in opts:
+            raise IISInputError("the text library needs concept_vectors=[M, D]; fit them with "
+                                "iis_fast.concepts.fit_text_projection from CLIP image/text features")
+        dim = None if element_feats is None else _as_feats(element_feats, "element_feats").shape[1]
+        return text_library(opts["concept_vectors"], feature_dim=opts.get("feature_dim", dim))
+    raise IISInputError(f"kind={kind!r}: choose one of {LIBRARY_KINDS}")

@@ -1,0 +1,309 @@
+"""Concept elements and libraries (SPEC §1.2), on small synthetic inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iis_fast.concepts import (
+    build_library,
+    cluster_library,
+    concept_source_indices,
+    cos_cubed_similarity,
+    embed_concept_elements,
+    embed_elements,
+    end2end_library,
+    fit_text_projection,
+    make_elements,
+    patch_elements,
+    prototype_library,
+    segment_crop,
+    segment_elements_with_sources,
+    select_segment_masks,
+    slic_label_maps,
+    text_library,
+)
+from iis_fast.errors import IISInputError
+
+GREY = 117 / 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny tensors: extra intra-op threads only spin and slow down on a shared, loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cell_image(grid: int = 4, cell: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image whose grid cells have distinct flat colours; returns (image [3,H,W], colours [grid*grid,3])."""
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.rand(grid * grid, 3, generator=gen)
+    img = torch.zeros(3, grid * cell, grid * cell)
+    for k in range(grid * grid):
+        i, j = divmod(k, grid)
+        img[:, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = colours[k].view(3, 1, 1)
+    return img, colours
+
+
+def _three_region_image(size: int = 48) -> torch.Tensor:
+    """Red background, a green centred square and a blue bar at the bottom: 3 flat colour regions."""
+    img = torch.zeros(3, size, size)
+    img[0] = 1.0
+    img[:, size // 4: size // 2 + 4, size // 4: 3 * size // 4] = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1)
+    img[:, 3 * size // 4:, :] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    return img
+
+
+def _blobs(n_per: int, centres: torch.Tensor, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    k, d = centres.shape
+    x = centres.repeat_interleave(n_per, dim=0) + noise * torch.randn(k * n_per, d, generator=gen)
+    return x, torch.arange(k).repeat_interleave(n_per)
+
+
+# ------------------------------------------------------------------------------------------------ elements
+def test_concept_source_indices_first_per_class_in_order():
+    labels = [2, 0, 2, 1, 0, 2, 0, 1, 2, 0]
+    idx = concept_source_indices(labels, images_per_class=2)
+    assert idx.tolist() == [0, 1, 2, 3, 4, 7]
+    # a class with fewer images than asked gives what it has; order is the given order
+    assert concept_source_indices(labels, images_per_class=3).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert concept_source_indices(torch.tensor(labels), 10).tolist() == list(range(10))
+    with pytest.raises(IISInputError, match="images_per_class"):
+        concept_source_indices(labels, images_per_class=0)
+
+
+def test_patch_grid_geometry_row_major():
+    img, colours = _cell_image()
+    imgs = torch.stack([img, 1.0 - img])
+    out = patch_elements(imgs, grid=4, out_size=(20, 20))
+    assert out.shape == (2 * 16, 3, 20, 20)
+    for k in range(16):
+        expected = colours[k].view(3, 1, 1).expand(3, 20, 20)
+        torch.testing.assert_close(out[k], expected, atol=1e-5, rtol=0)           # image 0, cell k
+        torch.testing.assert_close(out[16 + k], 1.0 - expected, atol=1e-5, rtol=0)  # image 1, cell k
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_select_segment_masks_area_jaccard_and_cap():
+    h = w = 20
+    a = np.zeros((h, w), dtype=np.int64)
+    a[:, 10:] = 1
+    a[0, 0] = 2                              # 1 pixel = 0.25% > 0.1% -> kept with min_area_frac=0.001
+    b = a.copy()                             # identical map: every segment has Jaccard 1 -> all rejected
+    c = np.zeros((h, w), dtype=np.int64)
+    c[:, 12:] = 1                            # Jaccard with a's label 1 = 160/200 = 0.8 -> rejected
+    c[:2, :2] = 2                            # 4 px; overlaps a's 1-px segment with Jaccard 1/4 -> kept
+    kept = select_segment_masks([a, b, c], max_per_setting=5, min_area_frac=0.001, max_jaccard=0.5)
+    areas = [int(m.sum()) for m in kept]
+    assert areas == [199, 200, 1, 4]  # a: label 0 (199 px), 1, 2; b: none; c: only label 2
+    # area rule: the 1-pixel segment goes when 0.25% is not above the threshold
+    assert [int(m.sum()) for m in select_segment_masks([a], min_area_frac=0.0025)] == [199, 200]
+    # cap per setting
+    many = np.arange(h * w).reshape(h, w) // 40   # 10 labels of 40 px
+    assert len(select_segment_masks([many], max_per_setting=5)) == 5
+
+
+def test_segment_crop_fills_outside_mask_with_grey():
+    img = torch.rand(3, 10, 12, generator=torch.Generator().manual_seed(1))
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[2:6, 3] = True
+    mask[5, 3:8] = True                        # an L: bounding box rows 2..5, cols 3..7
+    crop = segment_crop(img, mask)
+    assert crop.shape == (3, 4, 5)
+    sub = torch.as_tensor(mask[2:6, 3:8])
+    torch.testing.assert_close(crop[:, sub], img[:, 2:6, 3:8][:, sub])
+    assert torch.allclose(crop[:, ~sub], torch.full_like(crop[:, ~sub], GREY))
+
+
+def test_segment_elements_follow_rules_and_inherit_labels():
+    base = _three_region_image(48)
+    imgs = torch.stack([base, base.flip(-1)])
+    out_size = (24, 28)
+    n_seg = (3, 6, 9)
+    elements, sources = segment_elements_with_sources(imgs, out_size=out_size, n_segments=n_seg)
+    assert elements.shape[1:] == (3, *out_size)
+    assert elements.min() >= 0 and elements.max() <= 1
+    for i in range(2):
+        maps = slic_label_maps(imgs[i], n_seg)
+        kept = select_segment_masks(maps)
+        assert int((sources == i).sum()) == len(kept) > 0
+        assert len(kept) <= 5 * len(n_seg)
+        for m in kept:
+            assert m.mean() > 0.001
+        for p in range(len(kept)):
+            for q in range(p):
+                inter = np.logical_and(kept[p], kept[q]).sum()
+                assert inter / np.logical_or(kept[p], kept[q]).sum() <= 0.5
+        # the element images are the grey-filled crops of those masks, resized
+        first = segment_crop(imgs[i], kept[0]).unsqueeze(0)
+        ref = F.interpolate(first, size=out_size, mode="bilinear", antialias=True, align_corners=False)
+        torch.testing.assert_close(elements[sources == i][0], ref[0].clamp(0, 1))
+    # a repeated setting adds nothing (Jaccard 1 with the first setting's segments)
+    once, _ = segment_elements_with_sources(imgs[:1], out_size=out_size, n_segments=(6,))
+    twice, _ = segment_elements_with_sources(imgs[:1], out_size=out_size, n_segments=(6, 6))
+    assert once.shape[0] == twice.shape[0]
+    # segments that are not rectangles get the grey fill somewhere
+    assert any(bool((e - GREY).abs().lt(1e-6).all(dim=0).any()) for e in elements)
+    # labels inherit from the source image, kind-major order (patches first)
+    el, lab = make_elements(imgs, [7, 3], kinds=("patches", "segments"), out_size=out_size,
+                            n_segments=n_seg)
+    assert el.shape[0] == 32 + elements.shape[0]
+    assert lab[:32].tolist() == [7] * 16 + [3] * 16
+    assert lab[32:].tolist() == [[7, 3][s] for s in sources]
+
+
+def test_embed_elements_and_streaming_match():
+    gen = torch.Generator().manual_seed(2)
+    proj = torch.randn(3, 5, generator=gen)
+
+    def embed_fn(batch: torch.Tensor) -> torch.Tensor:   # mean colour -> 5-D feature
+        return batch.mean(dim=(2, 3)) @ proj + 0.1
+
+    imgs = torch.rand(5, 3, 16, 16, generator=gen)
+    labels = [0, 0, 1, 1, 2]
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    el, lab = make_elements(imgs, labels, out_size=(16, 16), n_segments=(4, 8))
+    feats = embed_elements(embed_fn, el, mean, std, batch_size=7, progress=False)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(feats, F.normalize(embed_fn((el - m) / s), dim=1))
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(len(feats)))
+    for chunk in (1, 2, 5):  # streaming gives the same features and order, whatever the chunk size
+        f2, l2 = embed_concept_elements(embed_fn, imgs, labels, (16, 16), mean, std, chunk_images=chunk,
+                                        batch_size=3, progress=False, n_segments=(4, 8))
+        torch.testing.assert_close(f2, feats, atol=1e-6, rtol=1e-5)
+        assert torch.equal(l2, lab)
+    chunks = [(imgs[:3], labels[:3]), (imgs[3:], labels[3:])]
+    f3, l3 = embed_concept_elements(embed_fn, chunks, None, 16, mean, std, progress=False, n_segments=(4, 8))
+    torch.testing.assert_close(f3, feats, atol=1e-6, rtol=1e-5)
+    assert torch.equal(l3, lab)
+
+
+# ----------------------------------------------------------------------------------------------- libraries
+def _toy_elements(n_classes: int = 4, per_class: int = 10, d: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(n_classes * per_class, d, generator=gen), dim=1)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    return feats, labels
+
+
+def test_prototype_stratified_balanced_and_seeded():
+    feats, labels = _toy_elements(4, 10)
+    c = prototype_library(feats, labels, num_concepts=10, seed=3)
+    assert c.shape == (10, 8)
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(c, prototype_library(feats, labels, num_concepts=10, seed=3))
+    assert not torch.equal(c, prototype_library(feats, labels, num_concepts=10, seed=4))
+    # every row is one element; classes get floor/ceil of 10/4
+    hit = (c @ feats.t()).argmax(dim=1)
+    assert torch.allclose(feats[hit], c, atol=1e-6)
+    per_class = torch.bincount(labels[hit], minlength=4)
+    assert sorted(per_class.tolist()) == [2, 2, 3, 3] and len(set(hit.tolist())) == 10
+    # an unbalanced class with few elements gives all it has; the rest is spread over the others
+    lab2 = labels.clone()
+    lab2[:9] = 1   # class 0 now has 1 element, class 1 has 19
+    hit2 = (prototype_library(feats, lab2, 12, seed=0) @ feats.t()).argmax(dim=1)
+    assert sorted(torch.unique(lab2[hit2], return_counts=True)[1].tolist()) == [1, 3, 4, 4]
+    # "first" = the first M in order
+    torch.testing.assert_close(prototype_library(feats, labels, 6, selection="first"), feats[:6])
+
+
+def test_cluster_deterministic_unit_rows_recovers_blobs():
+    centres = F.normalize(torch.eye(6)[:3] * 5 + 0.1, dim=1)
+    x, _ = _blobs(15, centres, noise=0.02, seed=0)
+    x = F.normalize(x, dim=1)
+    c = cluster_library(x, num_concepts=3, seed=0)
+    torch.testing.assert_close(c, cluster_library(x, num_concepts=3, seed=0))
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(3))
+    cos = c @ centres.t()
+    assert sorted(cos.argmax(dim=1).tolist()) == [0, 1, 2]
+    assert cos.max(dim=1).values.min() > 0.99
+    # subsampling cap still gives unit rows
+    c2 = cluster_library(x, num_concepts=3, seed=1, max_elements=20)
+    torch.testing.assert_close(c2.norm(dim=1), torch.ones(3))
+
+
+def test_end2end_deterministic_argmax_no_zero_rows_and_useful():
+    d, k = 8, 3
+    centres = torch.zeros(k, d)
+    centres[torch.arange(k), torch.arange(k)] = 3.0
+    elems, _ = _blobs(20, centres, noise=0.5, seed=1)
+    elems = F.normalize(elems, dim=1)
+    train_x, train_y = _blobs(40, centres, noise=0.5, seed=2)
+    opts = dict(train_x=train_x, train_y=train_y, epochs=15, lr=0.05, batch_size=40)
+    res = end2end_library(elems, num_concepts=12, seed=0, return_details=True, **opts)
+    c = res.concepts
+    assert c.shape == (12, d)
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(12))
+    again = end2end_library(elems, num_concepts=12, seed=0, **opts)
+    assert torch.equal(c, again)                            # argmax at return: no noise, identical
+    assert not torch.equal(c, end2end_library(elems, num_concepts=12, seed=1, **opts))
+    # concepts are normalised sums of the argmax-assigned elements (or the fallback element if empty)
+    for j in range(12):
+        members = elems[torch.as_tensor(res.element_index)[res.assignment == j]]
+        if j not in res.empty_concepts:
+            torch.testing.assert_close(c[j], F.normalize(members.sum(0), dim=0))
+    assert res.train_accuracy > 0.8
+    # a fresh nearest-class-mean classifier on x·Cᵀ beats chance on held-out data
+    test_x, test_y = _blobs(30, centres, noise=0.5, seed=3)
+    a_tr, a_te = train_x @ c.t(), test_x @ c.t()
+    means = torch.stack([a_tr[train_y == i].mean(0) for i in range(k)])
+    acc = ((torch.cdist(a_te, means).argmin(dim=1) == test_y).float().mean())
+    assert acc > 0.8 > 1 / k
+    # many concepts for few elements: empty concepts fall back, rows stay non-zero
+    many = end2end_library(elems[:14], num_concepts=14, seed=0, return_details=True, **opts)
+    assert many.concepts.norm(dim=1).min() > 0.999
+
+
+def test_text_projection_recovers_linear_map():
+    gen = torch.Generator().manual_seed(0)
+    n, d, t = 400, 6, 4
+    x = F.normalize(torch.randn(n, d, generator=gen), dim=1)       # CLIP image feats = x (unit rows)
+    w_true = F.normalize(torch.randn(t, d, generator=gen), dim=1)  # CLIP text feats = concept directions
+    w, sim = fit_text_projection(3.0 * x, x, w_true, steps=300, lr=0.05, seed=0, return_similarity=True)
+    assert w.shape == (t, d)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(t))
+    assert (w * w_true).sum(dim=1).min() > 0.98
+    assert sim.min() > 0.98
+    torch.testing.assert_close(w, fit_text_projection(3.0 * x, x, w_true, steps=300, lr=0.05, seed=0))
+    assert torch.allclose(cos_cubed_similarity(x @ w_true.t(), x @ w_true.t()), torch.ones(t))
+    torch.testing.assert_close(build_library("text", x, concept_vectors=w), w)
+    torch.testing.assert_close(text_library(w.t(), feature_dim=d), w)
+
+
+def test_bad_inputs_raise_clear_errors():
+    feats, labels = _toy_elements(2, 3)
+    with pytest.raises(IISInputError, match=r"num_concepts=10 .*only 6 elements.*images_per_class"):
+        build_library("prototype", feats, labels, num_concepts=10)
+    with pytest.raises(IISInputError, match="num_concepts=7"):
+        build_library("cluster", feats, labels, num_concepts=7)
+    bad = feats.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(IISInputError, match="element_feats contains NaN"):
+        build_library("prototype", bad, labels, num_concepts=2)
+    with pytest.raises(IISInputError, match="element_feats has shape"):
+        build_library("cluster", feats[0], labels, num_concepts=2)
+    with pytest.raises(IISInputError, match="element_labels has 5 entries"):
+        build_library("prototype", feats, labels[:5], num_concepts=2)
+    with pytest.raises(IISInputError, match="kind='pca'"):
+        build_library("pca", feats, labels)
+    with pytest.raises(IISInputError, match="train_x"):
+        build_library("end2end", feats, labels, num_concepts=2)
+    with pytest.raises(IISInputError, match="train_x has D=3"):
+        end2end_library(feats, 2, train_x=torch.zeros(4, 3), train_y=[0, 1, 0, 1])
+    with pytest.raises(IISInputError, match="concept_vectors"):
+        build_library("text", feats, labels)
+    with pytest.raises(IISInputError, match="selection="):
+        prototype_library(feats, labels, 2, selection="random")
+    with pytest.raises(IISInputError, match=r"images01 has shape \(2, 1, 8, 8\)"):
+        patch_elements(torch.zeros(2, 1, 8, 8), out_size=(8, 8))
+    with pytest.raises(IISInputError, match="labels has 1 entries"):
+        make_elements(torch.zeros(2, 3, 8, 8), [0], out_size=8)
+    with pytest.raises(IISInputError, match="kinds="):
+        make_elements(torch.zeros(2, 3, 8, 8), [0, 1], kinds=("patches", "boxes"), out_size=8)
+    with pytest.raises(IISInputError, match="clip_image_feats has 5 rows"):
+        fit_text_projection(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(3, 2))
