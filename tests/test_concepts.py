@@ -143,6 +143,8 @@ def test_segment_elements_follow_rules_and_inherit_labels():
         first = segment_crop(imgs[i], kept[0]).unsqueeze(0)
         ref = F.interpolate(first, size=out_size, mode="bilinear", antialias=True, align_corners=False)
         torch.testing.assert_close(elements[sources == i][0], ref[0].clamp(0, 1))
+    par, par_src = segment_elements_with_sources(imgs, out_size=out_size, n_segments=n_seg, n_jobs=2)
+    assert torch.equal(par, elements) and np.array_equal(par_src, sources)
     # a repeated setting adds nothing (Jaccard 1 with the first setting's segments)
     once, _ = segment_elements_with_sources(imgs[:1], out_size=out_size, n_segments=(6,))
     twice, _ = segment_elements_with_sources(imgs[:1], out_size=out_size, n_segments=(6, 6))

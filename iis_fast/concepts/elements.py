@@ -177,8 +177,12 @@ def segment_elements_with_sources(images01: torch.Tensor, out_size: Sequence[int
                                   n_segments: Sequence[int] = (10, 20, 30), compactness: float = 10,
                                   sigma: float = 1, max_per_setting: int = 5, min_area_frac: float = 0.001,
                                   max_jaccard: float = 0.5, fill: Sequence[int] = GREY_117,
-                                  ) -> tuple[torch.Tensor, np.ndarray]:
-    """Like :func:`segment_elements`, also returning the source-image index of every element."""
+                                  n_jobs: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """Like :func:`segment_elements`, also returning the source-image index of every element.
+
+    ``n_jobs`` > 1 segments that many images at once in threads (SLIC releases the GIL); -1 = all cores.
+    The result does not depend on ``n_jobs``.
+    """
     images01 = _check_images(images01)
     size = _check_out_size(out_size)
     if len(tuple(fill)) != 3:
@@ -187,12 +191,21 @@ def segment_elements_with_sources(images01: torch.Tensor, out_size: Sequence[int
         raise IISInputError(f"max_per_setting={max_per_setting}: must be a positive integer")
     if not n_segments or any(int(k) < 1 for k in n_segments):
         raise IISInputError(f"n_segments={n_segments!r}: give one or more positive segment counts")
+    def masks_of(img: torch.Tensor) -> list[np.ndarray]:
+        maps = slic_label_maps(img, n_segments, compactness, sigma)
+        return select_segment_masks(maps, int(max_per_setting), min_area_frac, max_jaccard)
+
+    imgs = [images01[i].float() for i in range(images01.shape[0])]
+    if int(n_jobs) == 1 or len(imgs) < 2:
+        all_masks = [masks_of(img) for img in imgs]
+    else:
+        from joblib import Parallel, delayed
+
+        all_masks = Parallel(n_jobs=int(n_jobs), prefer="threads")(delayed(masks_of)(img) for img in imgs)
     elements: list[torch.Tensor] = []
     sources: list[int] = []
-    for i in range(images01.shape[0]):
-        img = images01[i].float()
-        maps = slic_label_maps(img, n_segments, compactness, sigma)
-        for mask in select_segment_masks(maps, int(max_per_setting), min_area_frac, max_jaccard):
+    for i, (img, masks) in enumerate(zip(imgs, all_masks)):
+        for mask in masks:
             elements.append(_resize(segment_crop(img, mask, fill).unsqueeze(0), size))
             sources.append(i)
     out = torch.cat(elements) if elements else images01.new_zeros(0, 3, *size, dtype=torch.float32)
@@ -202,14 +215,14 @@ def segment_elements_with_sources(images01: torch.Tensor, out_size: Sequence[int
 def segment_elements(images01: torch.Tensor, out_size: Sequence[int] | int = (224, 224),
                      n_segments: Sequence[int] = (10, 20, 30), compactness: float = 10, sigma: float = 1,
                      max_per_setting: int = 5, min_area_frac: float = 0.001, max_jaccard: float = 0.5,
-                     fill: Sequence[int] = GREY_117) -> torch.Tensor:
+                     fill: Sequence[int] = GREY_117, n_jobs: int = 1) -> torch.Tensor:
     """SLIC-segment elements of every image: masked bounding-box crops resized to ``out_size`` (SPEC §1.2).
 
     See :func:`select_segment_masks` for which segments are kept. Use
     :func:`segment_elements_with_sources` to know which image each element came from.
     """
     return segment_elements_with_sources(images01, out_size, n_segments, compactness, sigma, max_per_setting,
-                                         min_area_frac, max_jaccard, fill)[0]
+                                         min_area_frac, max_jaccard, fill, n_jobs)[0]
 
 
 # ------------------------------------------------------------------------------------------------ together
@@ -332,7 +345,8 @@ def embed_concept_elements(embed_fn: EmbedFn,
     """Make and embed every element of the concept-source images, streaming so memory stays small.
 
     ``images01`` is either a tensor [N, 3, H, W] with ``labels`` [N], or an iterable of
-    ``(images01_chunk, labels_chunk)`` pairs (then ``labels=None``). Elements are built for
+    ``(images01_chunk, labels_chunk)`` pairs (then ``labels=None``). ``segment_opts`` (e.g. ``n_jobs=2``) go to
+    :func:`segment_elements`. Elements are built for
     ``chunk_images`` source images at a time, embedded with :func:`embed_elements` and dropped.
     Returns ``(element_feats [E, D] float32, L2-normalised rows; element_labels [E] long)`` in the same
     kind-major order as :func:`make_elements`.
