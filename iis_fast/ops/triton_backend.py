@@ -1,0 +1,156 @@
+"""`backend="triton"`: the grid's hot loop in fused Triton kernels (see docs/kernels_triton.md).
+
+Same semantics as the torch path (:func:`iis_fast.heads.batched.train_grid_torch`): the same `GridParams`
+initialisation, `epoch_orders` batch order, per-head Adam and lr schedule, so the two agree to float tolerance.
+Per step:
+  probes  : logits = baddbmm(bp, x, wp) (cuBLAS) -> fused CE fwd+bwd in place (kernels.cross_entropy)
+            -> dwp = xᵀ·dlogits, dbp = Σ dlogits (cuBLAS / torch)
+  heads   : â = LayerNorm(x·Cᵀ) (kernels.projection) -> every head's affine, exact threshold, mask, GEMM and CE
+            (kernels.sparse_head forward) -> dγ, dβ, dW, db (kernels.sparse_head backward)
+  update  : one Adam launch over all parameters with a learning rate per head (kernels.adam)
+and per epoch the evaluation of every head (argmax accuracy) with the same projection and head kernels.
+
+Availability: a CUDA device with triton importable. The kernels also run under TRITON_INTERPRET=1 on CPU
+tensors (that is how CI tests them); the registry never offers that slow path to "auto".
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailable
+from ..heads.batched import GridParams
+from ..heads.common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, epoch_orders
+from . import register_backend
+
+EVAL_CHUNK = 4096
+
+
+def triton_available(device) -> tuple[bool, str]:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        return False, f"unknown device {device!r}: {e}"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if dev.type != "cuda":
+        return False, "triton needs a CUDA device"
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available in this torch build or machine"
+    return True, ""
+
+
+def _kernels():
+    """Import the kernels only when they are used: triton decides compile vs interpret at definition time."""
+    from kernels import adam, cross_entropy, projection, sparse_head
+    return adam, cross_entropy, projection, sparse_head
+
+
+class _FlatGrid:
+    """GridParams whose tensors, gradients and Adam moments are views of one flat buffer each (one Adam launch)."""
+
+    NAMES = ("wp", "bp", "w", "b", "gamma", "beta")
+
+    def __init__(self, params: GridParams, flat_adam_cls):
+        tensors = params.tensors()
+        n_lr, n_h = params.wp.shape[0], params.w.shape[0]
+        groups = {"wp": 0, "bp": 0, "w": 1, "b": 1, "gamma": 1, "beta": 1}
+        self.opt = flat_adam_cls({n: tuple(tensors[n].shape) for n in self.NAMES}, groups, [n_lr, n_h],
+                                 params.wp.device, betas=ADAM_BETAS, eps=ADAM_EPS)
+        for n in self.NAMES:
+            view = self.opt.view(self.opt.p, n)
+            view.copy_(tensors[n])
+            setattr(params, n, view)
+        params.moments = {n: (self.opt.view(self.opt.m, n), self.opt.view(self.opt.v, n)) for n in self.NAMES}
+        self.grads = {n: self.opt.view(self.opt.g, n) for n in self.NAMES}
+        self.lrs = torch.cat([params.lr_probe, params.lr_head])      # float64, probes first (group 0)
+        self.params = params
+
+
+def _interpreting() -> bool:
+    from kernels._common import interpreted
+    return interpreted(_kernels()[2]._projection_ln_kernel)
+
+
+@torch.no_grad()
+def grid_accuracy_triton(x, y, concepts, params: GridParams, chunk: int = EVAL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 accuracy of every probe [L] and concept head [H] on (x, y), heads through the fused eval kernel."""
+    _, _, projection, sparse_head = _kernels()
+    device = params.w.device
+    correct_p = torch.zeros(params.wp.shape[0], dtype=torch.long, device=device)
+    correct_h = torch.zeros(params.w.shape[0], dtype=torch.int32, device=device)
+    n_lr = params.wp.shape[0]
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk].to(device)
+        yb = y[i:i + chunk].to(device)
+        lp = torch.baddbmm(params.bp[:, None, :], xb.float().expand(n_lr, *xb.shape), params.wp)
+        correct_p += (lp.argmax(-1) == yb).sum(-1)
+        ahat, _, _ = projection.projection_layernorm(xb, concepts)
+        sparse_head.head_eval_correct(ahat, params.gamma, params.beta, params.w, params.b, params.kidx, yb,
+                                      correct_h)
+    return correct_p.cpu().numpy() / len(x), correct_h.cpu().numpy().astype(np.int64) / len(x)
+
+
+def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
+                      concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
+    """Train every probe and concept head of the grid with the fused kernels (x: fp32, fp16 or bf16)."""
+    device = x.device
+    if device.type != "cuda" and not _interpreting():
+        raise BackendUnavailable("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
+    adam, cross_entropy, projection, sparse_head = _kernels()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_start = time.perf_counter()
+    concepts = concepts.float().to(device).contiguous()
+    y = y.to(device)
+    n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
+    n_h = n_s * n_lr
+    params = GridParams(x.shape[1], concepts.shape[0], spec, device)
+    flat = _FlatGrid(params, adam.FlatAdam)
+    g = flat.grads
+    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
+    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
+    scales = {}
+    t_train = t_eval = 0.0
+    for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
+        t0 = time.perf_counter()
+        lr_scale = spec.lr_decay ** epoch
+        order = order.to(device)
+        for i in range(0, len(x), spec.batch_size):
+            idx = order[i:i + spec.batch_size]
+            xb, yb = x[idx], y[idx]
+            b = len(idx)
+            xf = xb.float()
+            # standard probes: cuBLAS GEMMs around the fused cross-entropy
+            lp = torch.baddbmm(params.bp[:, None, :], xf.expand(n_lr, b, xf.shape[1]), params.wp)
+            cross_entropy.cross_entropy_fwd_bwd_(lp, yb, 1.0 / b)
+            torch.bmm(xf.t().expand(n_lr, xf.shape[1], b), lp, out=g["wp"])
+            torch.sum(lp, dim=1, out=g["bp"])
+            # concept heads: shared projection, then every head forward and backward
+            ahat, _, _ = projection.projection_layernorm(xb, concepts)
+            _, lse, thr = sparse_head.head_forward(ahat, params.gamma, params.beta, params.w, params.b,
+                                                   params.kidx, yb)
+            if b not in scales:
+                scales[b] = torch.full((n_h,), 1.0 / b, device=device)
+            g["gamma"].zero_()
+            g["beta"].zero_()
+            sparse_head.head_backward(ahat, params.gamma, params.beta, params.w, params.b, yb, thr, lse, scales[b],
+                                      g["gamma"], g["beta"], g["w"], g["b"])
+            flat.opt.update(flat.lrs, lr_scale)
+        sync()
+        t1 = time.perf_counter()
+        for j, (ex, ey) in enumerate(eval_sets):
+            pa, ha = grid_accuracy_triton(ex, ey, concepts, params)
+            probe_acc[j, :, epoch] = pa
+            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
+        t_train += t1 - t0
+        t_eval += time.perf_counter() - t1
+        if progress is not None:
+            progress.update(n_lr * (1 + n_s))
+    timings = {"train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
+    return GridOutput(probe_acc, head_acc, backend="triton", timings=timings)
+
+
+register_backend("triton", train_grid_triton, triton_available, rank=5)
