@@ -5,6 +5,11 @@ import torch
 import triton
 
 
+# Tests set these to small blocks so that the interpreter also walks the chunk loops and partial blocks:
+# "projection": (BLOCK_B, BLOCK_D); "sparse_head": (BLOCK_B, BLOCK_K); "cross_entropy": (BLOCK_R, BLOCK_K).
+FORCE_BLOCKS: dict[str, tuple[int, int]] = {}
+
+
 def interpreted(kernel) -> bool:
     """True when `kernel` was built under TRITON_INTERPRET=1 (numpy, one program at a time)."""
     return type(kernel).__name__ == "InterpretedFunction"

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreted, pow2
+from ._common import FORCE_BLOCKS, interpreted, pow2
 
 
 @triton.jit
@@ -56,7 +56,9 @@ def cross_entropy_fwd_bwd_(logits: torch.Tensor, y: torch.Tensor, scale: float) 
     r = logits.numel() // k
     assert r % b == 0
     loss = torch.empty(logits.shape[:-1], device=logits.device, dtype=torch.float32)
-    if interpreted(_ce_fwd_bwd_kernel):
+    if "cross_entropy" in FORCE_BLOCKS:
+        block_r, block_k = FORCE_BLOCKS["cross_entropy"]
+    elif interpreted(_ce_fwd_bwd_kernel):
         block_r, block_k = pow2(min(r, 256), 1), pow2(min(k, 1024), 1)
     else:
         block_r, block_k = 4, min(1024, pow2(k))

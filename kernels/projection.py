@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreted, pow2
+from ._common import FORCE_BLOCKS, dot_precision, interpreted, pow2
 
 LN_EPS = 1e-5
 
@@ -62,7 +62,9 @@ def projection_layernorm(x: torch.Tensor, concepts: torch.Tensor, eps: float = L
     if b == 0:
         return ahat, mean, rstd
     block_m = pow2(m)
-    if interpreted(_projection_ln_kernel):
+    if "projection" in FORCE_BLOCKS:
+        block_b, block_d = FORCE_BLOCKS["projection"]
+    elif interpreted(_projection_ln_kernel):
         block_b, block_d = pow2(min(b, 256)), pow2(min(d, 512))
     else:
         block_b, block_d = (32 if block_m > 128 else 64), 32

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, interpreted, pow2
+from ._common import FORCE_BLOCKS, dot_precision, interpreted, pow2
 
 MODE_TRAIN, MODE_EVAL, MODE_LOGITS = 0, 1, 2
 
@@ -103,6 +103,8 @@ def _head_fwd_kernel(ahat_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, kidx_ptr, y_pt
     if MODE == 1:
         hit = ((best_idx == yv) & rmask).to(tl.int32)
         tl.atomic_add(out_ptr + h, tl.sum(hit, axis=0))
+    elif MODE == 2:
+        tl.store(thr_ptr + h * B + rows, thr, mask=rmask)
     else:
         lse = m_i + tl.log(s_i)
         tl.store(lse_ptr + h * B + rows, lse, mask=rmask)
@@ -161,6 +163,8 @@ def _head_bwd_kernel(ahat_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, y_ptr, thr_ptr
 
 def _blocks(kernel, b: int, m: int, k: int) -> tuple[int, int, int]:
     block_m = pow2(m)
+    if "sparse_head" in FORCE_BLOCKS:
+        return FORCE_BLOCKS["sparse_head"][0], block_m, FORCE_BLOCKS["sparse_head"][1]
     if interpreted(kernel):                 # numpy: few, large programs
         return pow2(min(b, 256)), block_m, pow2(min(k, 256))
     block_b = 32 if block_m <= 256 else 16
@@ -215,8 +219,8 @@ def head_eval_correct(ahat, gamma, beta, w, b, kidx, y, correct: torch.Tensor | 
     return correct
 
 
-def head_logits(ahat, gamma, beta, w, b, kidx) -> torch.Tensor:
-    """Logits [H, B, K] of every head (for tests; training never writes them)."""
+def head_logits(ahat, gamma, beta, w, b, kidx, return_threshold: bool = False):
+    """Logits [H, B, K] of every head (and the thresholds [H, B]); for tests, training never writes them."""
     h, m, k = _check(ahat, gamma, beta, w, b, kidx)
     bsz = ahat.shape[0]
     out = torch.empty(h, bsz, k, device=ahat.device, dtype=torch.float32)
@@ -226,7 +230,7 @@ def head_logits(ahat, gamma, beta, w, b, kidx) -> torch.Tensor:
     _head_fwd_kernel[(triton.cdiv(bsz, bb), h)](ahat, gamma, beta, w, b, kidx, y, dummy, dummy, dummy, out,
                                                 bsz, m, k, MODE=MODE_LOGITS, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk,
                                                 PREC=dot_precision())
-    return out
+    return (out, dummy) if return_threshold else out
 
 
 class SparseHeadsCrossEntropy(torch.autograd.Function):

@@ -24,7 +24,7 @@ import torch
 from ..errors import BackendUnavailable
 from ..heads.batched import GridParams
 from ..heads.common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, epoch_orders
-from . import register_backend
+from . import _load_builtin, register_backend
 
 EVAL_CHUNK = 4096
 
@@ -153,4 +153,7 @@ def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
     return GridOutput(probe_acc, head_acc, backend="triton", timings=timings)
 
 
+# Load the built-in backends first: ops._load_builtin() skips its work once the registry is non-empty, so a
+# direct `import iis_fast.ops.triton_backend` registering "triton" alone would hide "torch" and "reference".
+_load_builtin()
 register_backend("triton", train_grid_triton, triton_available, rank=5)
