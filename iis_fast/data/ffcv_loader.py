@@ -1,0 +1,367 @@
+"""Eval-preprocessed ``(images, labels)`` batches from an FFCV ``.beton`` file, and the torch DataLoader equivalent.
+
+FFCV pipeline (CPU)::
+
+    CenterCropRGBImageDecoder((S, S), ratio=crop_pct) -> normalise (uint8 -> float32 lookup table, numba)
+        -> ToTensor -> ToTorchImage(channels_last)        ... then each batch is cloned
+
+FFCV pipeline (GPU, ``device="cuda..."``)::
+
+    CenterCropRGBImageDecoder -> ToTensor -> ToDevice(non_blocking) -> ToTorchImage   ... then normalised on the
+    GPU with torch ops (uint8 crosses the bus: 4x less than float32), which also makes a fresh tensor.
+
+Crop semantics. FFCV's ``CenterCropRGBImageDecoder(output_size, ratio)`` cuts the centred square of side
+``int(ratio * min(H, W))`` from the stored image and resizes it (OpenCV ``INTER_AREA``) to ``output_size``. timm's
+eval transform resizes the short side to ``floor(S / crop_pct)`` and cuts the centred ``S x S``: in source
+pixels that is the centred square of side ``~crop_pct * min(H, W)``. So ``ratio = crop_pct`` gives the same
+region (up to a pixel of rounding); the interpolation differs (INTER_AREA vs PIL bilinear/bicubic), so FFCV and
+torchvision images agree within interpolation tolerance, and exactly when the stored image already has the output
+size and ``crop_pct = 1`` (crop and resize are then the identity in both). Only square outputs are supported
+(FFCV's centre crop is square).
+
+Normalisation uses a lookup table computed with the same float32 torch ops as torchvision's
+``ToTensor(); Normalize(mean, std)``, so for identical uint8 pixels the two paths give bit-identical tensors.
+
+Pitfalls handled here:
+- FFCV's ``NormalizeImage`` placed after ``ToTensor`` hangs the CPU loader: we normalise right after the decoder.
+- FFCV reuses its output buffers (``batches_ahead + 2`` of them): batches are cloned before they are yielded.
+- ``NormalizeImage``'s CPU code returns the whole buffer, not the used part: a short last batch would carry stale
+  images. Our normalise op returns only the filled rows.
+- numba threads = ``num_workers``, never above the usable core count.
+- The first epoch pays numba compilation (seconds); later epochs and later loaders over the same pipeline do not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import IISInputError
+from .ffcv_io import BetonInfo, _ffcv, validate_beton
+
+__all__ = ["FFCVImageLoader", "ffcv_loader", "torch_loader", "usable_cores", "normalize_lut"]
+
+_FINGERPRINT_VERSION = 1
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _square_size(image_size: int | Sequence[int]) -> int:
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        s = (int(image_size), int(image_size))
+    else:
+        s = tuple(int(v) for v in image_size)  # type: ignore[union-attr]
+    if len(s) != 2 or s[0] != s[1] or s[0] < 1:
+        raise IISInputError(f"image_size must be a positive int or a square (S, S), got {image_size!r} "
+                            "(FFCV's centre crop is square)")
+    return s[0]
+
+
+def _triple(v: float | Sequence[float], what: str) -> tuple[float, float, float]:
+    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+    if len(t) == 1:
+        t = t * 3
+    if len(t) != 3 or not all(math.isfinite(x) for x in t) or (what == "std" and min(t) <= 0):
+        raise IISInputError(f"{what} must be 3 finite numbers (one per RGB channel){', positive' if what == 'std' else ''}, "
+                            f"got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 ``[256, 3]``: ``(v / 255 - mean[c]) / std[c]`` computed exactly as torchvision's ToTensor+Normalize."""
+    m = torch.as_tensor(mean, dtype=torch.float32)
+    s = torch.as_tensor(std, dtype=torch.float32)
+    v = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)
+    return ((v[:, None] - m[None, :]) / s[None, :]).contiguous().numpy()
+
+
+def _normalize_op(mean: Sequence[float], std: Sequence[float]) -> Any:
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.transforms import NormalizeImage
+
+    class _LUTNormalize(NormalizeImage):
+        """NormalizeImage (CPU, float32) with a torchvision-exact table, returning only the filled rows."""
+
+        def __init__(self) -> None:
+            super().__init__(np.asarray(mean, dtype=np.float64) * 255, np.asarray(std, dtype=np.float64) * 255,
+                             np.float32)
+            self.lookup_table = normalize_lut(mean, std)
+
+        def generate_code_cpu(self) -> Any:
+            table = self.lookup_table
+            my_range = Compiler.get_iterator()
+
+            def normalize_convert(images, result, indices):  # type: ignore[no-untyped-def]
+                n = len(indices)
+                result_flat = result.reshape(result.shape[0], -1, 3)
+                num_pixels = result_flat.shape[1]
+                for i in my_range(n):
+                    image = images[i].reshape(num_pixels, 3)
+                    for px in range(num_pixels):
+                        result_flat[i, px, 0] = table[image[px, 0], 0]
+                        result_flat[i, px, 1] = table[image[px, 1], 1]
+                        result_flat[i, px, 2] = table[image[px, 2], 2]
+                return result[:n]
+
+            normalize_convert.is_parallel = True
+            normalize_convert.with_indices = True
+            return normalize_convert
+
+    return _LUTNormalize()
+
+
+_ORDERS = ("sequential", "random", "quasi_random")
+
+
+class FFCVImageLoader:
+    """Iterable of ``(images float32 [B, 3, S, S] normalised, labels int64 [B])`` from a ``.beton`` file.
+
+    Build it with :func:`ffcv_loader`. ``len(loader)`` is the number of **batches** (as for a torch DataLoader);
+    ``loader.num_samples`` the number of samples one epoch yields. ``loader.ffcv`` is the underlying
+    ``ffcv.loader.Loader``; ``loader.info`` the file's :class:`BetonInfo`.
+
+    Attributes:
+        fingerprint: hex digest of (absolute path, file size, mtime, image size, crop_pct, mean, std, order, seed,
+            drop_last, decoder); equal fingerprints mean identical batches, so feature caches can key on it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], image_size: int | Sequence[int], mean: Sequence[float],
+                 std: Sequence[float], *, batch_size: int, num_workers: int, device: str | torch.device,
+                 order: str, drop_last: bool, channels_last: bool, crop_pct: float, num_classes: int | None,
+                 seed: int, batches_ahead: int) -> None:
+        _ffcv()
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise IISInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not 0 < float(crop_pct) <= 1:
+            raise IISInputError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+        order_key = str(getattr(order, "name", order)).lower()
+        if order_key not in _ORDERS:
+            raise IISInputError(f"order must be one of {_ORDERS}, got {order!r}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise IISInputError(f"device must be 'cpu' or 'cuda[:i]', got {device!r}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise IISInputError(f"device={device!r} but CUDA is not available")
+        # Fail on a bad file before any numba compilation.
+        self.info: BetonInfo = validate_beton(path, num_classes=num_classes)
+        self.path = self.info.path
+        self.image_size = _square_size(image_size)
+        self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
+        self.crop_pct = float(crop_pct)
+        self.batch_size = int(batch_size)
+        self.order, self.seed = order_key, int(seed)
+        self.drop_last, self.channels_last = bool(drop_last), bool(channels_last)
+        cores = usable_cores()
+        if num_workers < 1:
+            raise IISInputError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if num_workers > cores:
+            warnings.warn(f"num_workers={num_workers} exceeds the {cores} usable cores; using {cores}", stacklevel=3)
+        self.num_workers = min(int(num_workers), cores)
+
+        S = self.image_size
+        decoder = CenterCropRGBImageDecoder((S, S), ratio=self.crop_pct)
+        if self.device.type == "cpu":
+            image_pipe = [decoder, _normalize_op(self.mean, self.std), ToTensor(), ToTorchImage(channels_last=True)]
+        else:
+            image_pipe = [decoder, ToTensor(), ToDevice(self.device, non_blocking=True),
+                          ToTorchImage(channels_last=True)]
+        label_pipe = [IntDecoder(), ToTensor(), Squeeze(1)]
+        if self.device.type == "cuda":
+            label_pipe.append(ToDevice(self.device, non_blocking=True))
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.ffcv = Loader(
+            self.path, batch_size=self.batch_size, num_workers=self.num_workers,
+            order={"sequential": OrderOption.SEQUENTIAL, "random": OrderOption.RANDOM,
+                   "quasi_random": OrderOption.QUASI_RANDOM}[order_key],
+            seed=self.seed, drop_last=self.drop_last, batches_ahead=batches_ahead,
+            pipelines={self.info.image_field: image_pipe, self.info.label_field: label_pipe},
+        )
+        # Fields other than image/label are decoded by FFCV's default pipeline and dropped here.
+        self._out_index = self._field_order()
+        n = self.info.num_samples
+        self.num_samples = (n // self.batch_size) * self.batch_size if self.drop_last else n
+        self.fingerprint = self._fingerprint()
+
+    def _field_order(self) -> tuple[int, int]:
+        names = list(self.ffcv.reader.handlers)
+        return names.index(self.info.image_field), names.index(self.info.label_field)
+
+    def _fingerprint(self) -> str:
+        desc = {
+            "kind": "ffcv-beton", "version": _FINGERPRINT_VERSION, "path": self.path, "size": self.info.size,
+            "mtime_ns": self.info.mtime_ns, "image_size": self.image_size, "crop_pct": self.crop_pct,
+            "mean": list(self.mean), "std": list(self.std), "order": self.order,
+            "seed": self.seed if self.order != "sequential" else None, "drop_last": self.drop_last,
+            "decoder": "CenterCropRGBImageDecoder/INTER_AREA+lut-normalize",
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        return len(self.ffcv)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        ii, li = self._out_index
+        for batch in self.ffcv:
+            images, labels = batch[ii], batch[li]
+            if self.device.type == "cpu":
+                images = images.clone(memory_format=fmt)   # FFCV reuses the buffer behind `images`
+            else:
+                images = images.float().div_(255).sub_(self._mean_t).div_(self._std_t)  # a fresh tensor
+                images = images.contiguous(memory_format=fmt)
+            yield images, labels.clone().long().view(-1)
+
+    def __repr__(self) -> str:
+        return (f"FFCVImageLoader({self.path!r}, n={self.num_samples}, image_size={self.image_size}, "
+                f"crop_pct={self.crop_pct}, batch_size={self.batch_size}, workers={self.num_workers}, "
+                f"device={str(self.device)!r})")
+
+
+def ffcv_loader(
+    path: str | os.PathLike[str],
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device = "cpu",
+    order: str = "sequential",
+    drop_last: bool = False,
+    channels_last: bool = True,
+    *,
+    crop_pct: float = 1.0,
+    num_classes: int | None = None,
+    seed: int = 0,
+    batches_ahead: int = 3,
+) -> FFCVImageLoader:
+    """A loader of eval-preprocessed ``(images, labels)`` batches from an FFCV ``.beton`` file.
+
+    Preprocessing: centre square of side ``crop_pct * min(H, W)`` resized (INTER_AREA) to ``image_size`` (=
+    timm's "resize short side to ``S / crop_pct``, centre crop ``S``", see the module docstring), uint8 -> [0, 1],
+    ``(x - mean) / std``; no augmentation. The file is validated first (:func:`validate_beton`), so a bad file
+    fails before numba compiles anything.
+
+    Args:
+        path: the ``.beton`` file (fields ``image``: RGBImageField, ``label``: IntField).
+        image_size: output side S (int or ``(S, S)``).
+        mean, std: per-channel normalisation, in [0, 1] units (e.g. ImageNet ``(0.485, 0.456, 0.406)``).
+        batch_size: samples per batch.
+        num_workers: numba decoding threads (default: the usable core count; clamped to it, with a warning).
+        device: ``"cpu"`` or ``"cuda[:i]"`` (GPU: uint8 is copied with ``ToDevice`` and normalised there).
+        order: ``"sequential"`` (default; every sample once, in file order), ``"random"`` or ``"quasi_random"``.
+        drop_last: drop a short last batch (default False: every sample is counted once).
+        channels_last: yield channels-last memory format (the shape is always ``[B, 3, S, S]``).
+        crop_pct: timm's crop fraction (1.0: no crop, the whole image is resized).
+        num_classes: if given, labels are checked to be below it.
+        seed: order seed for the random orders.
+        batches_ahead: FFCV prefetch depth.
+
+    Returns:
+        An :class:`FFCVImageLoader`: iterate it for ``(float32 [B, 3, S, S], int64 [B])``; ``len()`` is in batches;
+        ``.fingerprint`` keys feature caches.
+
+    Raises:
+        DataFileError: missing/truncated/corrupt file, missing label field, labels out of range.
+        IISInputError: bad arguments.
+    """
+    return FFCVImageLoader(path, image_size, mean, std, batch_size=batch_size,
+                           num_workers=usable_cores() if num_workers is None else num_workers, device=device,
+                           order=order, drop_last=drop_last, channels_last=channels_last, crop_pct=crop_pct,
+                           num_classes=num_classes, seed=seed, batches_ahead=batches_ahead)
+
+
+class _EvalTransformDataset(torch.utils.data.Dataset):
+    """Wraps a map-style dataset of ``(PIL image or uint8 array, label)`` with an eval transform."""
+
+    def __init__(self, base: Any, transform: Any) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+        image, label = self.base[i][:2]
+        if not isinstance(image, Image.Image):
+            a = np.asarray(image)
+            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
+                a = a.transpose(1, 2, 0)
+            image = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
+        return self.transform(image.convert("RGB")), int(label)
+
+
+def eval_transform(image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                   crop_pct: float = 1.0, interpolation: str = "bilinear") -> Any:
+    """torchvision eval transform as timm builds it: Resize(floor(S / crop_pct)), CenterCrop(S), ToTensor, Normalize."""
+    from torchvision import transforms as T
+    S = _square_size(image_size)
+    if not 0 < float(crop_pct) <= 1:
+        raise IISInputError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+             "nearest": T.InterpolationMode.NEAREST}
+    if interpolation not in modes:
+        raise IISInputError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
+    return T.Compose([T.Resize(math.floor(S / float(crop_pct)), interpolation=modes[interpolation]),
+                      T.CenterCrop(S), T.ToTensor(), T.Normalize(_triple(mean, "mean"), _triple(std, "std"))])
+
+
+def torch_loader(
+    dataset_or_folder: Any,
+    image_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    *,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+    shuffle: bool = False,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The torch DataLoader + PIL/torchvision equivalent of :func:`ffcv_loader` (for comparison and fallback).
+
+    Args:
+        dataset_or_folder: an image folder path (``folder/<class>/<image>``, torchvision ``ImageFolder``: sorted
+            classes, images converted to RGB) or a map-style dataset of ``(PIL image or uint8 array, label)``.
+        image_size, mean, std, crop_pct: as in :func:`ffcv_loader`.
+        interpolation: resize filter (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
+        batch_size, num_workers, shuffle, drop_last: DataLoader arguments (workers clamped to the core count).
+
+    Returns:
+        A ``DataLoader`` yielding ``(float32 [B, 3, S, S], int64 [B])``.
+    """
+    tf = eval_transform(image_size, mean, std, crop_pct, interpolation)
+    if isinstance(dataset_or_folder, (str, os.PathLike)):
+        from torchvision.datasets import ImageFolder
+        folder = Path(os.fspath(dataset_or_folder))
+        if not folder.is_dir():
+            from ..errors import DataFileError
+            raise DataFileError(f"image folder {str(folder)!r} does not exist or is not a directory")
+        ds: Any = ImageFolder(str(folder), transform=tf)
+    elif hasattr(dataset_or_folder, "__getitem__") and hasattr(dataset_or_folder, "__len__"):
+        ds = _EvalTransformDataset(dataset_or_folder, tf)
+    else:
+        raise IISInputError(f"dataset_or_folder must be a folder path or a map-style dataset, "
+                            f"got {type(dataset_or_folder).__name__}")
+    workers = max(0, min(int(num_workers), usable_cores()))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       drop_last=drop_last, persistent_workers=workers > 0)
