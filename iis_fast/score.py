@@ -256,29 +256,32 @@ def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str
             raise IISInputError("library='text' needs concept_vectors=[M, D] (e.g. from "
                                 "iis_fast.concepts.fit_text_projection with your CLIP features)")
         return build_library("text", None, concept_vectors=torch.as_tensor(concept_vectors))
-    key = cache.key("elements", train_key, str(list(cfg.elements)), str(cfg.images_per_class))
+    # element geometry (grid, SLIC settings) is the concepts module's fixed SPEC default; the version names it
+    key = cache.key("elements-v1", train_key, str(list(cfg.elements)), str(cfg.images_per_class),
+                    str(tuple(pre["input_size"])), str(pre["mean"]), str(pre["std"]))
     hit = cache.get(key)
     if hit is None:
         mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
-        images01 = (torch.from_numpy(np.asarray(train["src_images"])) * std + mean).clamp(0, 1)
+        images01 = (torch.from_numpy(np.array(train["src_images"])) * std + mean).clamp(0, 1)
         if images01.shape[1] == 1:
             images01 = images01.expand(-1, 3, -1, -1)
         feats, labels = embed_concept_elements(
-            embed, images01, torch.from_numpy(np.asarray(train["src_labels"])), out_size=tuple(pre["input_size"][1:]),
+            embed, images01, torch.from_numpy(np.array(train["src_labels"])), out_size=tuple(pre["input_size"][1:]),
             mean=pre["mean"], std=pre["std"], kinds=cfg.elements, batch_size=cfg.extract_batch_size,
-            device=cfg.device, progress=cfg.progress)
+            device=cfg.device, progress=cfg.progress, n_jobs=-1)
         cache.put(key, {"feats": feats.numpy(), "labels": labels.numpy()}, {"kind": "elements"})
         hit = cache.get(key)
-    feats = torch.from_numpy(np.asarray(hit["feats"]))
-    labels = torch.from_numpy(np.asarray(hit["labels"]))
+    feats = torch.from_numpy(np.array(hit["feats"]))
+    labels = torch.from_numpy(np.array(hit["labels"]))
     opts: dict[str, Any] = {}
     if cfg.library == "prototype":
         opts["selection"] = cfg.prototype_selection
     if cfg.library in ("cluster", "end2end"):
         opts["max_elements"] = cfg.max_elements
     if cfg.library == "end2end":
-        opts.update(train_x=torch.from_numpy(train_x).float(), train_y=torch.from_numpy(train_y).long())
+        opts.update(train_x=torch.from_numpy(train_x).float(), train_y=torch.from_numpy(train_y).long(),
+                    device=cfg.device)
     if cfg.num_concepts > feats.shape[0]:
         raise IISInputError(f"num_concepts={cfg.num_concepts} but only {feats.shape[0]} concept elements exist: "
                             "lower num_concepts or raise images_per_class")
