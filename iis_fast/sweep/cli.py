@@ -1,0 +1,168 @@
+"""``iis-fast sweep`` / ``report`` / ``make-checkpoints``; :func:`register` adds them to the main parser."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _add_iis_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("IIS options (defaults follow SPEC.md §1)")
+    g.add_argument("--library", default="prototype",
+                   help="concept library type(s), comma-separated for several rows per checkpoint: "
+                        "prototype, cluster, end2end (default: prototype)")
+    g.add_argument("--num-concepts", type=int, default=200, help="M, concepts per library (default 200)")
+    g.add_argument("--sparsities", type=_floats, default=None,
+                   help="comma-separated sparsity grid (default 0,0.1,0.3,0.5,0.7,0.9,0.95,0.98)")
+    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates (default 1e-3,1e-2,1e-1)")
+    g.add_argument("--epochs", type=int, default=30, help="epochs per head (default 30)")
+    g.add_argument("--images-per-class", type=int, default=10, help="concept-source images per class (default 10)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", default="auto", help="head-training backend (default auto: fastest available)")
+    g.add_argument("--device", default="cpu", help="torch device of each worker (cpu, cuda)")
+    g.add_argument("--extract-batch-size", type=int, default=256, help="backbone batch size (default 256)")
+    g.add_argument("--cache-dir", default=None,
+                   help="feature / prepared-data cache (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
+
+
+def _score_options(a: argparse.Namespace) -> dict[str, Any]:
+    libs = [v.strip() for v in a.library.split(",") if v.strip()]
+    opts: dict[str, Any] = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=a.num_concepts,
+                                epochs=a.epochs, images_per_class=a.images_per_class, seed=a.seed,
+                                backend=a.backend, device=a.device, extract_batch_size=a.extract_batch_size)
+    if a.cache_dir:
+        opts["cache_dir"] = a.cache_dir
+    if a.sparsities:
+        opts["sparsities"] = a.sparsities
+    if a.lrs:
+        opts["lrs"] = a.lrs
+    return opts
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from .runner import sweep
+    from .store import ResultStore
+
+    ex_opts: dict[str, Any] = {}
+    if a.ray_address:
+        ex_opts["address"] = a.ray_address
+    if a.executor in ("slurm", "submitit"):
+        ex_opts["folder"] = a.submitit_folder
+        if a.cluster:
+            ex_opts["cluster"] = a.cluster
+        if a.slurm:
+            ex_opts["parameters"] = json.loads(a.slurm)
+    df = sweep(a.checkpoints, a.data, arch=a.arch, out=a.out, executor=a.executor, workers=a.workers,
+               retry_failed=a.retry_failed, eval_data=a.eval_data, chunk_size=a.chunk_size, threads=a.threads,
+               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **_score_options(a))
+    ok = df[df["status"] == "ok"] if not df.empty else df
+    print(f"{len(ok)} ok / {len(df)} rows in {a.out}")
+    with ResultStore(a.out) as store:
+        for path in a.export or []:
+            print(f"exported {store.export(path)}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import make_report
+
+    rep = make_report(a.db, a.out_dir, n_boot=a.n_boot, max_rows=a.max_rows)
+    print(rep.text)
+    for name, path in rep.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_make_checkpoints(a: argparse.Namespace) -> int:
+    from .make_checkpoints import make_checkpoints
+
+    s = make_checkpoints(a.out_dir, epochs=a.epochs, batch_size=a.batch_size, num_checkpoints=a.num_checkpoints,
+                         lr=a.lr, seed=a.seed, threads=a.threads, progress=not a.no_progress)
+    print(f"{s.num_checkpoints} checkpoints over {s.steps} steps ({s.epochs:.2f} epochs) in {s.out_dir}; "
+          f"final test accuracy {s.final_test_acc:.4f}; {s.seconds:.0f}s. Sweep them with:\n"
+          f"  iis-fast sweep {s.manifest} --data fashion-mnist --out results.db")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``sweep``, ``report`` and ``make-checkpoints`` subcommands to the main ``iis-fast`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = subparsers.add_parser(
+        "sweep", help="score many checkpoints into a resumable results database", formatter_class=fmt,
+        description="Score every checkpoint into an SQLite database (one row per checkpoint x library x config, "
+                    "the full result as JSON). Re-running the same command skips what is stored, so a killed "
+                    "sweep resumes where it stopped; failed checkpoints are recorded with their error.",
+        epilog="examples:\n"
+               "  iis-fast make-checkpoints runs/fmnist\n"
+               "  iis-fast sweep runs/fmnist/checkpoints.csv --data fashion-mnist:n_train=2000,n_eval=1000 "
+               "--out results.db\n"
+               "  iis-fast sweep 'runs/*/step_*.pt' --arch iis_smallcnn --executor ray --workers 8\n"
+               "  iis-fast report results.db")
+    s.add_argument("checkpoints", nargs="+",
+                   help="checkpoint files, folders, globs, or .csv/.txt lists of model_name,path[,step,...]")
+    s.add_argument("--data", default="fashion-mnist",
+                   help="'fashion-mnist[:n_train=N,n_eval=N,seed=S]' (local Fashion-MNIST; default, 5000/2000) "
+                        "or a TRAIN .beton file")
+    s.add_argument("--eval-data", help="evaluation .beton file (with a .beton --data)")
+    s.add_argument("--arch", help="timm model name for checkpoints that do not name one (e.g. iis_smallcnn)")
+    s.add_argument("--out", default="results.db", help="results database (SQLite; default results.db)")
+    s.add_argument("--executor", default="local", choices=["local", "inline", "ray", "slurm"],
+                   help="local: process pool (default); inline: in this process; ray: Ray tasks; "
+                        "slurm: submitit array jobs")
+    s.add_argument("--workers", type=int, default=None, help="parallel workers (default: CPU cores)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores/workers)")
+    s.add_argument("--chunk-size", type=int, default=None, help="checkpoints per Ray task / Slurm job")
+    s.add_argument("--gpus", type=float, default=0, help="GPUs per Ray task / Slurm job (with --device cuda)")
+    s.add_argument("--retry-failed", action="store_true", help="recompute checkpoints stored as failed")
+    s.add_argument("--ray-address", help="connect to this Ray cluster instead of starting a local one")
+    s.add_argument("--submitit-folder", default="submitit_logs", help="submitit logs/results folder")
+    s.add_argument("--cluster", help="submitit cluster: slurm (auto-detected), local, debug")
+    s.add_argument("--slurm", help='JSON of submitit parameters, e.g. \'{"slurm_partition": "gpu", "timeout_min": 120}\'')
+    s.add_argument("--export", action="append", help="also export the table to this .csv or .parquet (repeatable)")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_iis_options(s)
+    s.set_defaults(func=cmd_sweep)
+
+    r = subparsers.add_parser(
+        "report", help="tables and plots of a sweep database", formatter_class=fmt,
+        description="Print the results table and the IIS-vs-accuracy correlations (Spearman, Pearson, bootstrap "
+                    "95%% CIs); write report.html, results.csv and PNGs: iis_vs_acc.png, arr_curves.png and, "
+                    "for one run's checkpoints, trajectory.png (IIS / accuracy vs training step).")
+    r.add_argument("db", help="the sweep's results database")
+    r.add_argument("--out-dir", help="where to write the report (default <db>_report/)")
+    r.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs (default 2000)")
+    r.add_argument("--max-rows", type=int, default=40, help="rows shown in the console table")
+    r.set_defaults(func=cmd_report)
+
+    m = subparsers.add_parser(
+        "make-checkpoints", help="train the small Fashion-MNIST CNN and save a checkpoint trajectory",
+        description="Train iis_smallcnn on Fashion-MNIST on the CPU, saving step_XXXXXX.pt every N steps "
+                    "(step 0 included) and checkpoints.csv (model_name,path,step,epoch,test_acc) to sweep.")
+    m.add_argument("out_dir", help="folder for the checkpoints")
+    m.add_argument("--epochs", type=float, default=3.0, help="passes over the 60k TRAIN images (default 3)")
+    m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--num-checkpoints", type=int, default=100, help="checkpoints after step 0 (default 100)")
+    m.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-decayed (default 2e-3)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=cmd_make_checkpoints)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one of these subcommands standalone: ``python -m iis_fast.sweep.cli sweep ...``."""
+    p = argparse.ArgumentParser(prog="iis-fast")
+    register(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(argv)
+    return int(a.func(a) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
