@@ -120,13 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point of `iis-fast`; bad input ends with exit status 2 and a message naming the problem."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .errors import IISInputError
     try:
+        if getattr(args, "sparsities", None) or getattr(args, "lrs", None):
+            from .config import IISConfig
+            IISConfig.from_options(**score_options(args))       # reject bad options before any long work
         return int(args.func(args) or 0)
     except IISInputError as e:
-        print(f"iis-fast: error: {e}", file=sys.stderr)
-        return 2
+        parser.exit(2, f"iis-fast: error: {e}\n")
 
 
 if __name__ == "__main__":
