@@ -47,6 +47,16 @@ def _projection_ln_kernel(x_ptr, c_ptr, ahat_ptr, mean_ptr, rstd_ptr,
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
 
+def _blocks(b: int, d: int, m: int, prec: str) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_M). GPU values untuned; sm_90 compiles them without spills for M <= 256."""
+    block_m = pow2(m)
+    if "projection" in FORCE_BLOCKS:
+        return (*FORCE_BLOCKS["projection"], block_m)
+    if interpreted(_projection_ln_kernel):
+        return pow2(min(b, 256)), pow2(min(d, 512)), block_m
+    return (32 if prec == "tf32" and block_m <= 256 else 16), 32, block_m
+
+
 def projection_layernorm(x: torch.Tensor, concepts: torch.Tensor, eps: float = LN_EPS,
                          out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """â = LayerNorm(x·Cᵀ) without affine, in fp32, with the row mean and 1/std: ([B, M], [B], [B])."""
@@ -61,14 +71,9 @@ def projection_layernorm(x: torch.Tensor, concepts: torch.Tensor, eps: float = L
     rstd = torch.empty(b, device=x.device, dtype=torch.float32)
     if b == 0:
         return ahat, mean, rstd
-    block_m = pow2(m)
-    if "projection" in FORCE_BLOCKS:
-        block_b, block_d = FORCE_BLOCKS["projection"]
-    elif interpreted(_projection_ln_kernel):
-        block_b, block_d = pow2(min(b, 256)), pow2(min(d, 512))
-    else:
-        block_b, block_d = (32 if block_m > 128 else 64), 32
+    prec = dot_precision()
+    block_b, block_d, block_m = _blocks(b, d, m, prec)
     grid = (triton.cdiv(b, block_b),)
     _projection_ln_kernel[grid](x, concepts, ahat, mean, rstd, b, d, m, x.stride(0), eps,
-                                BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=block_m, PREC=dot_precision())
+                                BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=block_m, PREC=prec, num_warps=8)
     return ahat, mean, rstd

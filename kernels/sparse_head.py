@@ -161,14 +161,25 @@ def _head_bwd_kernel(ahat_ptr, gamma_ptr, beta_ptr, w_ptr, b_ptr, y_ptr, thr_ptr
     tl.atomic_add(dbeta_ptr + h * M + cols, dbe, mask=cmask)
 
 
-def _blocks(kernel, b: int, m: int, k: int) -> tuple[int, int, int]:
+def _blocks(kernel, b: int, m: int, k: int, prec: str, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_M, BLOCK_K, num_warps).
+
+    GPU choices are not tuned on hardware (none was lent); they are the sm_90 configurations that ptxas compiles
+    without register spills for M <= 256 (checked offline with `ptxas -v`): fp32 "ieee" dots need smaller tiles
+    than TF32 ones. Larger M (BLOCK_M 512) gets the smallest tiles.
+    """
     block_m = pow2(m)
     if "sparse_head" in FORCE_BLOCKS:
-        return FORCE_BLOCKS["sparse_head"][0], block_m, FORCE_BLOCKS["sparse_head"][1]
+        return FORCE_BLOCKS["sparse_head"][0], block_m, FORCE_BLOCKS["sparse_head"][1], 4
     if interpreted(kernel):                 # numpy: few, large programs
-        return pow2(min(b, 256)), block_m, pow2(min(k, 256))
-    block_b = 32 if block_m <= 256 else 16
-    return block_b, block_m, (64 if block_m <= 128 else 32)
+        return pow2(min(b, 256)), block_m, pow2(min(k, 256)), 4
+    if block_m <= 128:
+        return (32, block_m, 64 if prec == "tf32" else 32, 8)
+    if block_m <= 256:
+        if backward:
+            return (16, block_m, 32 if prec == "tf32" else 16, 8)
+        return (32 if prec == "tf32" else 16, block_m, 32, 8)
+    return (16, block_m, 16, 8)
 
 
 def _check(ahat, gamma, beta, w, b, kidx):
@@ -187,10 +198,11 @@ def head_forward(ahat, gamma, beta, w, b, kidx, y):
     lse = torch.empty(h, bsz, device=ahat.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     thr = torch.empty_like(lse)
-    bb, bm, bk = _blocks(_head_fwd_kernel, bsz, m, k)
+    prec = dot_precision()
+    bb, bm, bk, nw = _blocks(_head_fwd_kernel, bsz, m, k, prec, backward=False)
     _head_fwd_kernel[(triton.cdiv(bsz, bb), h)](ahat, gamma, beta, w, b, kidx, y, thr, lse, loss, lse,
                                                 bsz, m, k, MODE=MODE_TRAIN, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk,
-                                                PREC=dot_precision())
+                                                PREC=prec, num_warps=nw)
     return loss, lse, thr
 
 
@@ -201,9 +213,11 @@ def head_backward(ahat, gamma, beta, w, b, y, thr, lse, scale, dgamma, dbeta, dw
     """
     h, m, k = gamma.shape[0], gamma.shape[1], w.shape[2]
     bsz = ahat.shape[0]
-    bb, bm, bk = _blocks(_head_bwd_kernel, bsz, m, k)
+    prec = dot_precision()
+    bb, bm, bk, nw = _blocks(_head_bwd_kernel, bsz, m, k, prec, backward=True)
     _head_bwd_kernel[(triton.cdiv(k, bk), h)](ahat, gamma, beta, w, b, y, thr, lse, scale, dgamma, dbeta, dw, db,
-                                              bsz, m, k, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, PREC=dot_precision())
+                                              bsz, m, k, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, PREC=prec,
+                                              num_warps=nw)
 
 
 def head_eval_correct(ahat, gamma, beta, w, b, kidx, y, correct: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,10 +226,11 @@ def head_eval_correct(ahat, gamma, beta, w, b, kidx, y, correct: torch.Tensor | 
     bsz = ahat.shape[0]
     if correct is None:
         correct = torch.zeros(h, device=ahat.device, dtype=torch.int32)
-    bb, bm, bk = _blocks(_head_fwd_kernel, bsz, m, k)
+    prec = dot_precision()
+    bb, bm, bk, nw = _blocks(_head_fwd_kernel, bsz, m, k, prec, backward=False)
     _head_fwd_kernel[(triton.cdiv(bsz, bb), h)](ahat, gamma, beta, w, b, kidx, y, correct, correct, correct, correct,
                                                 bsz, m, k, MODE=MODE_EVAL, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk,
-                                                PREC=dot_precision())
+                                                PREC=prec, num_warps=nw)
     return correct
 
 
@@ -226,10 +241,11 @@ def head_logits(ahat, gamma, beta, w, b, kidx, return_threshold: bool = False):
     out = torch.empty(h, bsz, k, device=ahat.device, dtype=torch.float32)
     dummy = torch.empty(h, bsz, device=ahat.device, dtype=torch.float32)
     y = torch.zeros(bsz, device=ahat.device, dtype=torch.int64)
-    bb, bm, bk = _blocks(_head_fwd_kernel, bsz, m, k)
+    prec = dot_precision()
+    bb, bm, bk, nw = _blocks(_head_fwd_kernel, bsz, m, k, prec, backward=False)
     _head_fwd_kernel[(triton.cdiv(bsz, bb), h)](ahat, gamma, beta, w, b, kidx, y, dummy, dummy, dummy, out,
                                                 bsz, m, k, MODE=MODE_LOGITS, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk,
-                                                PREC=dot_precision())
+                                                PREC=prec, num_warps=nw)
     return (out, dummy) if return_threshold else out
 
 
