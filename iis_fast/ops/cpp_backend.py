@@ -1,0 +1,198 @@
+"""`backend="cpp"`: the whole grid trained by the fused C++ kernels of :mod:`iis_fast._C` (csrc/).
+
+Same semantics as :func:`iis_fast.heads.batched.train_grid_torch` — same initial parameters (built by
+:class:`GridParams`), same batch order (:func:`epoch_orders`), same Adam arithmetic and lr schedule — so the
+accuracies match up to float rounding (a different summation order can flip a rare argmax or a rare near-tie at
+the threshold). Differences in *how*:
+
+* ahat = LayerNorm(x·Cᵀ) does not depend on any trainable parameter, so it is computed once per split (train and
+  every eval set) instead of once per batch;
+* one C++ call per batch trains every probe (one GEMM for all lrs) and every concept head (one thread per head:
+  affine, per-row threshold by selection, mask, dense GEMM or sparse gather of W's rows by k, softmax-CE,
+  backward, Adam) without leaving intermediates outside per-thread scratch;
+* one C++ call per eval set and epoch gives the correct counts of every head.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..errors import IISInputError
+from ..heads.batched import GridParams
+from ..heads.common import GridOutput, GridSpec, epoch_orders
+from . import register_backend
+
+try:
+    from .. import _C
+    _IMPORT_ERROR = ""
+except ImportError as e:  # not built (pip install -e .) or built for another interpreter / CPU
+    _C = None
+    _IMPORT_ERROR = f"iis_fast._C not built: run pip install -e . ({e})"
+
+
+def available(device: str = "cpu") -> tuple[bool, str]:
+    if _C is None:
+        return False, _IMPORT_ERROR
+    if not str(device).startswith("cpu"):
+        return False, "the cpp backend runs on the CPU only"
+    return True, ""
+
+
+def _features(x, name: str, dim: int | None = None) -> np.ndarray:
+    """A C-contiguous float32 numpy view (zero-copy for a contiguous float32 CPU tensor) of a 2-D feature matrix."""
+    if isinstance(x, torch.Tensor):
+        if x.is_cuda:
+            raise IISInputError(f"{name}: the cpp backend needs CPU tensors, got one on {x.device}")
+        x = x.detach()
+        if not x.is_floating_point():
+            raise IISInputError(f"{name}: expected floating-point features, got dtype {x.dtype}")
+        x = x.float().contiguous().numpy()
+    else:
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise IISInputError(f"{name}: expected floating-point features, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise IISInputError(f"{name}: expected a 2-D [N, D] array, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise IISInputError(f"{name}: expected {dim} features per row, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise IISInputError(f"{name}: no rows")
+    if not np.isfinite(x).all():
+        raise IISInputError(f"{name}: contains NaN or inf")
+    return x
+
+
+def _labels(y, n: int, num_classes: int, name: str) -> np.ndarray:
+    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise IISInputError(f"{name}: expected {n} labels (1-D), got shape {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise IISInputError(f"{name}: expected integer labels, got dtype {y.dtype}")
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise IISInputError(f"{name}: labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+    return y
+
+
+def project(x: np.ndarray, concepts: np.ndarray) -> np.ndarray:
+    """ahat = LayerNorm(x·Cᵀ) (no affine), [N, M] float32: what every concept head shares."""
+    out = np.empty((x.shape[0], concepts.shape[0]), dtype=np.float32)
+    _C.project(x, concepts, out)
+    return out
+
+
+class CppGrid:
+    """All parameters and Adam moments of a grid as numpy arrays updated in place by :class:`iis_fast._C.Grid`.
+
+    Layouts follow :class:`GridParams` except the probes: wp is stored [D, L*K] (probe l in columns l*K..) so
+    that one GEMM serves every lr.
+    """
+
+    NAMES = ("wp", "bp", "w", "b", "gamma", "beta")
+
+    def __init__(self, in_dim: int, num_concepts: int, spec: GridSpec, params: GridParams | None = None):
+        if _C is None:
+            raise RuntimeError(_IMPORT_ERROR)
+        p = params if params is not None else GridParams(in_dim, num_concepts, spec, "cpu")
+        self.spec = spec
+        self.L, self.D, self.K = p.wp.shape
+        self.params = {n: self._to_c(n, t) for n, t in p.tensors().items()}
+        self.moments = {}
+        for n, (m, v) in p.moments.items():
+            self.moments["m_" + n] = self._to_c(n, m)
+            self.moments["v_" + n] = self._to_c(n, v)
+        ks = np.ascontiguousarray(p.kidx.cpu().numpy(), dtype=np.int64)
+        self.grid = _C.Grid(self.params, self.moments, ks,
+                            np.ascontiguousarray(p.lr_probe.numpy(), dtype=np.float64),
+                            np.ascontiguousarray(p.lr_head.numpy(), dtype=np.float64))
+        self.grid.t = p.step
+
+    def _to_c(self, name: str, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu().float()
+        if name == "wp":
+            t = t.permute(1, 0, 2).reshape(t.shape[1], -1)
+        elif name == "bp":
+            t = t.reshape(-1)
+        return np.ascontiguousarray(t.numpy().copy())
+
+    def _from_c(self, name: str, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a.copy())
+        if name == "wp":
+            t = t.reshape(self.D, self.L, self.K).permute(1, 0, 2).contiguous()
+        elif name == "bp":
+            t = t.reshape(self.L, self.K)
+        return t
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The current parameters in :class:`GridParams` layout (copies)."""
+        return {n: self._from_c(n, self.params[n]) for n in self.NAMES}
+
+    def step(self, x: np.ndarray, ahat: np.ndarray, y: np.ndarray, idx: np.ndarray, lr_scale: float,
+             debug: bool = False) -> dict | None:
+        """One Adam step of every head on rows idx. With debug=True, returns the step's logits, gradients (before
+        the update), losses and kept counts, with probe arrays in GridParams layout (dwp [L,D,K], ...)."""
+        out = {} if debug else None
+        self.grid.step(x, ahat, y, np.ascontiguousarray(idx, dtype=np.int64), float(lr_scale), out)
+        if debug:
+            nb, L, K, D = len(idx), self.L, self.K, self.D
+            out["probe_logits"] = out["probe_logits"].reshape(nb, L, K).transpose(1, 0, 2)
+            out["dwp"] = out["dwp"].reshape(D, L, K).transpose(1, 0, 2)
+            out["dbp"] = out["dbp"].reshape(L, K)
+        return out
+
+    def evaluate(self, x: np.ndarray, ahat: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-1 accuracy of every probe [L] and concept head [H]."""
+        cp, ch = self.grid.evaluate(x, ahat, y)
+        return cp / len(y), ch / len(y)
+
+
+def grid_step(grid: CppGrid, x, ahat, y, idx, lr_scale: float = 1.0) -> dict:
+    """Step-level entry point for tests: one fused step, returning logits and gradients (see CppGrid.step)."""
+    return grid.step(x, ahat, y, idx, lr_scale, debug=True)
+
+
+def train_grid_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
+                   concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
+    """Train the whole grid with the fused C++ kernels (same result as backend='torch' up to float rounding)."""
+    t0 = time.perf_counter()
+    xs = _features(x, "x")
+    n, d = xs.shape
+    cs = _features(concepts, "concepts", d)
+    ys = _labels(y, n, spec.num_classes, "y")
+    evals = []
+    for j, (ex, ey) in enumerate(eval_sets):
+        exs = _features(ex, f"eval_sets[{j}] x", d)
+        evals.append((exs, _labels(ey, len(exs), spec.num_classes, f"eval_sets[{j}] y")))
+    t1 = time.perf_counter()
+    ahat = project(xs, cs)
+    ahat_e = [project(ex, cs) for ex, _ in evals]
+    t2 = time.perf_counter()
+    g = CppGrid(d, cs.shape[0], spec)
+    n_sets, n_s, n_lr = len(evals), len(spec.sparsities), len(spec.lrs)
+    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
+    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
+    t_train = t_eval = 0.0
+    for epoch, order in enumerate(epoch_orders(n, spec.epochs, spec.seed)):
+        lr_scale = spec.lr_decay ** epoch
+        order = order.numpy()
+        ta = time.perf_counter()
+        for i in range(0, n, spec.batch_size):
+            g.grid.step(xs, ahat, ys, order[i:i + spec.batch_size], lr_scale, None)
+        tb = time.perf_counter()
+        for j, ((ex, ey), ae) in enumerate(zip(evals, ahat_e)):
+            pa, ha = g.evaluate(ex, ae, ey)
+            probe_acc[j, :, epoch] = pa
+            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
+        t_train += tb - ta
+        t_eval += time.perf_counter() - tb
+        if progress is not None:
+            progress.update(n_lr * (1 + n_s))
+    timings = {"prepare": t1 - t0, "project": t2 - t1, "train": t_train, "eval": t_eval,
+               "total": time.perf_counter() - t0}
+    return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
+
+
+register_backend("cpp", train_grid_cpp, available, rank=10)
