@@ -21,6 +21,7 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_LOADED = False
 
 
 def register_backend(name: str, trainer: Callable, available: Callable[[str], tuple[bool, str]], rank: int) -> None:
@@ -28,8 +29,11 @@ def register_backend(name: str, trainer: Callable, available: Callable[[str], tu
 
 
 def _load_builtin() -> None:
-    if _REGISTRY:
+    # A flag, not "is the registry empty": a fused backend imported directly registers itself first.
+    global _LOADED
+    if _LOADED:
         return
+    _LOADED = True
     from ..heads.reference import train_grid_reference
     from ..heads.batched import train_grid_torch
     register_backend("reference", train_grid_reference, lambda device: (True, ""), rank=100)
