@@ -1,15 +1,31 @@
 """iis_fast: how interpretable is a pre-trained vision representation, measured fast.
 
 Public API (see README.md):
-- :func:`score` / :func:`score_features`: the Inherent Interpretability Score (IIS) of one model.
-- :func:`sweep`: score many checkpoints, resumably.
-- :func:`probe` / :func:`attribution_quality`: How-to-Probe probe variants and attribution metrics.
+- :func:`score` / :func:`score_features`: the Inherent Interpretability Score (IIS) of one model (SPEC §1).
+- :func:`sweep`: score many checkpoints, resumably, into a SQLite database.
+- :func:`probe` / :func:`attribution_quality`: How-to-Probe probe variants and attribution metrics (SPEC §2).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import Any
+
 from .config import IISConfig
 from .errors import BackendUnavailable, CheckpointError, DataFileError, IISInputError
+from .result import IISResult
+from .score import score, score_features
 
-__all__ = ["IISConfig", "IISInputError", "CheckpointError", "DataFileError", "BackendUnavailable", "__version__"]
+# Heavier parts (pandas, Ray, matplotlib) load on first use.
+_LAZY = {"sweep": "iis_fast.sweep", "probe": "iis_fast.probing", "attribution_quality": "iis_fast.probing"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'iis_fast' has no attribute {name!r}")
+
+
+__all__ = ["score", "score_features", "sweep", "probe", "attribution_quality", "IISResult", "IISConfig",
+           "IISInputError", "CheckpointError", "DataFileError", "BackendUnavailable", "__version__"]
