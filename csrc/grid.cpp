@@ -531,95 +531,115 @@ class Grid {
     const float bc2s = (float)std::sqrt(1.0 - std::pow(0.999, (double)t));
     const float scale = 1.0f / (float)nb;
     const int64_t LK = L * K;
-    const int nt = (int)gws_.size();
+    const int nt = std::min((int)gws_.size(), std::max(1, max_threads()));
 
-    // ---- probes: logits = x[idx] wp + bp; G = (softmax - onehot)/nb; dwp = x[idx]^T G ----
-    if (L > 0) {
-      float* P = plog_.get(nb * LK);
-      gemm(nb, LK, D, Mat{x, D, 1, idx, nullptr}, Mat{wp, LK, 1}, P, LK, false, gws_);
-      if (dbg) {
-        for (int64_t i = 0; i < nb; ++i)
-          for (int64_t c = 0; c < LK; ++c) dbg->probe_logits[i * LK + c] = P[i * LK + c] + bp[c];
-      }
-      std::vector<double> lossp(L * nt, 0.0);
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (int64_t i = 0; i < nb; ++i)
-        for (int64_t l = 0; l < L; ++l)
-          lossp[thread_id() * L + l] += softmax_ce_row(P + i * LK + l * K, bp + l * K, (int)K, y[idx[i]], scale);
-      float* dbp = pdb_.get(LK);
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (int64_t c0 = 0; c0 < LK; c0 += 256) {
-        int64_t c1 = std::min(LK, c0 + 256);
-        for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.f;
-        for (int64_t i = 0; i < nb; ++i) add_row(dbp + c0, P + i * LK + c0, (int)(c1 - c0));
-      }
-      float* dwp = pdw_.get(D * LK);
-      gemm(D, LK, nb, Mat{x, 1, D, nullptr, idx}, Mat{P, LK, 1}, dwp, LK, false, gws_);
-      if (dbg) {
-        std::memcpy(dbg->dwp, dwp, sizeof(float) * D * LK);
-        std::memcpy(dbg->dbp, dbp, sizeof(float) * LK);
-        for (int64_t l = 0; l < L; ++l) {
-          double s = 0;
-          for (int th = 0; th < nt; ++th) s += lossp[th * L + l];
-          dbg->loss_probe[l] = (float)(s / (double)nb);
+    // One parallel region per step (one barrier): on a busy 2-core machine every extra fork/join costs a
+    // scheduler slice. Phase 1: each thread the probe logits + CE of its own rows. Phase 2: each thread dbp,
+    // dwp = x[idx]^T G and Adam of its own columns. Phase 3: concept heads, one thread per head (dynamic).
+    std::vector<double> lossp(L * nt, 0.0);
+    std::vector<float> ssp(L);
+    for (int64_t l = 0; l < L; ++l) ssp[l] = (float)(lr_probe[l] * lr_scale / bc1);
+    float* P = L > 0 ? plog_.get(nb * LK) : nullptr;
+    float* dbp = L > 0 ? pdb_.get(LK) : nullptr;
+    float* dwp = L > 0 ? pdw_.get(D * LK) : nullptr;
+    std::vector<int64_t> order = head_order();
+#pragma omp parallel num_threads(nt)
+    {
+      int tid = thread_id(), T = 1;
+#ifdef _OPENMP
+      T = omp_get_num_threads();
+#endif
+      if (L > 0) {
+        int64_t rp = (nb + MR - 1) / MR;
+        int64_t i0 = std::min(nb, rp * tid / T * MR), i1 = std::min(nb, rp * (tid + 1) / T * MR);
+        if (i1 > i0) {
+          gemm_serial(i1 - i0, LK, D, Mat{x, D, 1, idx + i0, nullptr}, Mat{wp, LK, 1}, P + i0 * LK, LK, false,
+                      gws_[tid]);
+          if (dbg)
+            for (int64_t i = i0; i < i1; ++i)
+              for (int64_t c = 0; c < LK; ++c) dbg->probe_logits[i * LK + c] = P[i * LK + c] + bp[c];
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t l = 0; l < L; ++l)
+              lossp[tid * L + l] += softmax_ce_row(P + i * LK + l * K, bp + l * K, (int)K, y[idx[i]], scale);
+        }
+#pragma omp barrier
+        int64_t cp = (LK + NR - 1) / NR;
+        int64_t c0 = std::min(LK, cp * tid / T * NR), c1 = std::min(LK, cp * (tid + 1) / T * NR);
+        if (c1 > c0) {
+          for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.f;
+          for (int64_t i = 0; i < nb; ++i) add_row(dbp + c0, P + i * LK + c0, (int)(c1 - c0));
+          gemm_serial(D, c1 - c0, nb, Mat{x, 1, D, nullptr, idx}, Mat{P + c0, LK, 1}, dwp + c0, LK, false,
+                      gws_[tid]);
+          if (dbg) {
+            for (int64_t d = 0; d < D; ++d)
+              std::memcpy(dbg->dwp + d * LK + c0, dwp + d * LK + c0, sizeof(float) * (c1 - c0));
+            std::memcpy(dbg->dbp + c0, dbp + c0, sizeof(float) * (c1 - c0));
+          }
+          for (int64_t s0 = c0; s0 < c1;) {  // segments of one probe (one lr) each
+            int64_t l = s0 / K, s1 = std::min(c1, (l + 1) * K);
+            for (int64_t d = 0; d < D; ++d)
+              adam_update(wp + d * LK + s0, mwp + d * LK + s0, vwp + d * LK + s0, dwp + d * LK + s0, s1 - s0,
+                          ssp[l], bc2s);
+            adam_update(bp + s0, mbp + s0, vbp + s0, dbp + s0, s1 - s0, ssp[l], bc2s);
+            s0 = s1;
+          }
         }
       }
-      std::vector<float> ssp(L);
-      for (int64_t l = 0; l < L; ++l) ssp[l] = (float)(lr_probe[l] * lr_scale / bc1);
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t l = 0; l < L; ++l)
-          adam_update(wp + d * LK + l * K, mwp + d * LK + l * K, vwp + d * LK + l * K, dwp + d * LK + l * K, K,
-                      ssp[l], bc2s);
-      for (int64_t l = 0; l < L; ++l)
-        adam_update(bp + l * K, mbp + l * K, vbp + l * K, dbp + l * K, K, ssp[l], bc2s);
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t oi = 0; oi < H; ++oi) {
+        int64_t h = order[oi];
+        float ss = (float)(lr_head[h] * lr_scale / bc1);
+        head_train(h, ahat, idx, y, nb, scale, ss, bc2s, hws_[tid], gws_[tid], dbg);
+      }
     }
-
-    // ---- concept heads: one thread per head, whole pipeline in its scratch ----
-    std::vector<int64_t> order = head_order();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t oi = 0; oi < H; ++oi) {
-      int64_t h = order[oi];
-      int tid = thread_id();
-      float ss = (float)(lr_head[h] * lr_scale / bc1);
-      head_train(h, ahat, idx, y, nb, scale, ss, bc2s, hws_[tid], gws_[tid], dbg);
-    }
+    if (dbg)
+      for (int64_t l = 0; l < L; ++l) {
+        double sum = 0;
+        for (int th = 0; th < nt; ++th) sum += lossp[th * L + l];
+        dbg->loss_probe[l] = (float)(sum / (double)nb);
+      }
   }
 
   void eval_impl(const float* x, const float* ahat, const int64_t* y, int64_t N, int64_t* cp, int64_t* ch) {
     const int64_t LK = L * K;
-    const int nt = (int)gws_.size();
-    const int64_t EB = 2048;
+    const int nt = std::min((int)gws_.size(), std::max(1, max_threads()));
+    const int64_t EB = 512;  // probe rows per block, per thread
     std::vector<int64_t> cnt(nt * std::max<int64_t>(L, 1), 0);
-    for (int64_t l = 0; l < L; ++l) cp[l] = 0;
-    if (L > 0) {
-      float* P = plog_.get(EB * LK);
-      for (int64_t r0 = 0; r0 < N; r0 += EB) {
-        int64_t n = std::min(EB, N - r0);
-        gemm(n, LK, D, Mat{x + r0 * D, D, 1}, Mat{wp, LK, 1}, P, LK, false, gws_);
-#pragma omp parallel for schedule(static) num_threads(nt)
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t l = 0; l < L; ++l)
-            cnt[thread_id() * L + l] += argmax_row(P + i * LK + l * K, bp + l * K, (int)K) == y[r0 + i];
-      }
-      for (int th = 0; th < nt; ++th)
-        for (int64_t l = 0; l < L; ++l) cp[l] += cnt[th * L + l];
-    }
     std::vector<int64_t> order = head_order();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t oi = 0; oi < H; ++oi) {
-      int64_t h = order[oi];
+    if (L > 0) plog_.get(nt * EB * LK);
+    const int64_t nblk = (N + EB - 1) / EB;
+#pragma omp parallel num_threads(nt)
+    {
       int tid = thread_id();
-      HeadWs& ws = hws_[tid];
-      bool dense = head_dense(h);
-      int64_t c = 0;
-      for (int64_t r0 = 0; r0 < N; r0 += row_block) {
-        int n = (int)std::min<int64_t>(row_block, N - r0);
-        build_rows(h, ahat, nullptr, r0, n, dense, ws, nullptr);
-        float* Lg = head_logits(h, n, dense, ws, gws_[tid]);
-        for (int i = 0; i < n; ++i) c += argmax_row(Lg + (int64_t)i * K, nullptr, (int)K) == y[r0 + i];
+      if (L > 0) {
+        float* P = plog_.p + tid * EB * LK;
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          int64_t r0 = blk * EB, n = std::min(EB, N - r0);
+          gemm_serial(n, LK, D, Mat{x + r0 * D, D, 1}, Mat{wp, LK, 1}, P, LK, false, gws_[tid]);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t l = 0; l < L; ++l)
+              cnt[tid * L + l] += argmax_row(P + i * LK + l * K, bp + l * K, (int)K) == y[r0 + i];
+        }
       }
-      ch[h] = c;
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t oi = 0; oi < H; ++oi) {
+        int64_t h = order[oi];
+        HeadWs& ws = hws_[tid];
+        bool dense = head_dense(h);
+        int64_t c = 0;
+        for (int64_t r0 = 0; r0 < N; r0 += row_block) {
+          int n = (int)std::min<int64_t>(row_block, N - r0);
+          build_rows(h, ahat, nullptr, r0, n, dense, ws, nullptr);
+          float* Lg = head_logits(h, n, dense, ws, gws_[tid]);
+          for (int i = 0; i < n; ++i) c += argmax_row(Lg + (int64_t)i * K, nullptr, (int)K) == y[r0 + i];
+        }
+        ch[h] = c;
+      }
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      cp[l] = 0;
+      for (int th = 0; th < nt; ++th) cp[l] += cnt[th * L + l];
     }
   }
 };
