@@ -108,7 +108,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("checkpoints", nargs="+",
                    help="checkpoint files, folders, globs, or .csv/.txt lists of model_name,path[,step,...]")
     s.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist[:n_train=N,n_eval=N,seed=S]' (local Fashion-MNIST; default, 5000/2000) "
+                   help="'fashion-mnist[:n_train=N,n_eval=N,seed=S]' (local Fashion-MNIST; default 2000 train / 1000 test images) "
                         "or a TRAIN .beton file")
     s.add_argument("--eval-data", help="evaluation .beton file (with a .beton --data)")
     s.add_argument("--arch", help="timm model name for checkpoints that do not name one (e.g. iis_smallcnn)")

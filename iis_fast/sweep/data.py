@@ -2,7 +2,7 @@
 
 A sweep's ``data`` argument is one of:
 
-- ``"fashion-mnist"`` (or ``"fashion-mnist:n_train=5000,n_eval=2000,seed=0"``, or a :class:`FashionMNISTData`):
+- ``"fashion-mnist"`` (or ``"fashion-mnist:n_train=2000,n_eval=1000,seed=0"``, or a :class:`FashionMNISTData`):
   class-balanced subsets of the local Fashion-MNIST TRAIN (train) and TEST (eval) splits. For each distinct
   preprocessing (input size, mean, std, crop, interpolation) of the swept models the images are decoded and
   preprocessed once into ``.npy`` files in the cache folder; workers memory-map them (:class:`ArrayLoader`),
@@ -34,8 +34,8 @@ __all__ = ["FashionMNISTData", "PreparedArrays", "ArrayLoader", "DataRef", "pars
 class FashionMNISTData:
     """Fashion-MNIST subsets for a sweep: ``n_train`` TRAIN images (features, concepts) and ``n_eval`` TEST images."""
 
-    n_train: int = 5000
-    n_eval: int = 2000
+    n_train: int = 2000
+    n_eval: int = 1000
     seed: int = 0
     root: str | None = None
     batch_size: int = 256

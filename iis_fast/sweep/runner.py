@@ -54,7 +54,7 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
     Args:
         checkpoints: paths, globs, folders, or ``.csv``/``.txt`` lists of ``model_name,path[,step,...]``
             (see :func:`~iis_fast.sweep.checkpoints.parse_checkpoints`).
-        data: ``"fashion-mnist[:n_train=5000,n_eval=2000,seed=0]"`` (decoded and preprocessed once per
+        data: ``"fashion-mnist[:n_train=2000,n_eval=1000,seed=0]"`` (decoded and preprocessed once per
             preprocessing, shared by all workers), a ``.beton`` path, or a ``(train_loader, eval_loader)`` pair.
         arch: timm model name for checkpoints that do not name theirs (e.g. ``"iis_smallcnn"``).
         out: the results database (created if missing).
