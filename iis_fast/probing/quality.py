@@ -1,0 +1,112 @@
+"""``attribution_quality``: attribution maps of a model with a probe head, scored by SPEC §2.2 metrics."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import IISInputError
+from .attribution import METHODS, as_probed, attribute
+from .grids import GridSet, make_grids
+from .heads import BcosProbe
+from .metrics import boxes_to_mask, energy_pointing_game, entropy, gini, grid_pointing_game
+
+__all__ = ["METRICS", "AttributionQuality", "attribution_quality"]
+
+METRICS: tuple[str, ...] = ("gridpg", "epg", "entropy", "gini")
+
+
+@dataclass
+class AttributionQuality:
+    """Scores of :func:`attribution_quality`.
+
+    Attributes:
+        scores: ``{method: {metric: mean over maps}}``.
+        per_map: ``{method: {metric: tensor}}`` (``[N, T]`` on grids, ``[N]`` with boxes).
+        maps_per_s: ``{method: maps per second}`` of the attribution step.
+        grids: the :class:`GridSet` used (None in box mode).
+        maps: ``{method: [N, T, H, W]}`` when ``return_maps`` was set.
+    """
+
+    scores: dict[str, dict[str, float]]
+    per_map: dict[str, dict[str, torch.Tensor]]
+    maps_per_s: dict[str, float]
+    grids: GridSet | None = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready scores and speeds."""
+        return {"scores": self.scores, "maps_per_s": self.maps_per_s}
+
+
+def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int],
+                        methods: str | Sequence[str] = ("ixg", "gradcam", "ig"),
+                        metrics: str | Sequence[str] = ("gridpg", "entropy", "gini"), *, grid_size: int = 3,
+                        n_grids: int = 8, seed: int = 0, threshold: float = 0.95, grids: GridSet | None = None,
+                        boxes: Sequence[Sequence[Sequence[float]]] | None = None, ig_steps: int = 20,
+                        batched: bool = True, return_maps: bool = False) -> AttributionQuality:
+    """Attribution maps for each method and their quality metrics.
+
+    Grid mode (default): ``images``/``labels`` are a pool of single preprocessed images; ``n_grids`` g x g grids
+    of distinct classes that the model classifies correctly with p >= ``threshold`` are built (seeded; or pass
+    ``grids`` to reuse one :class:`GridSet` across probes). Every cell's class is a target, all targets of a
+    grid come from one forward; metrics ``gridpg``, ``entropy``, ``gini``.
+
+    Box mode (``boxes`` given, one list of ``(x0, y0, x1, y1)`` per image): each image is explained for its
+    label; metrics ``epg``, ``entropy``, ``gini``.
+
+    Methods: ``ixg``, ``gradcam``, ``ig``, ``bcos`` (B-cos heads only; asking for it on another head raises).
+    See :mod:`iis_fast.probing.attribution`. ``batched=False`` computes one target at a time (same maps).
+    """
+    meths = [methods] if isinstance(methods, str) else list(methods)
+    mets = [metrics] if isinstance(metrics, str) else list(metrics)
+    for m in meths:
+        if m not in METHODS:
+            raise IISInputError(f"methods: unknown method {m!r}; use {', '.join(METHODS)} (LRP is not implemented)")
+    for m in mets:
+        if m not in METRICS:
+            raise IISInputError(f"metrics: unknown metric {m!r}; use {', '.join(METRICS)}")
+    model = as_probed(model_with_head)
+    if "bcos" in meths and not isinstance(model.head, BcosProbe):
+        raise IISInputError("methods: 'bcos' contribution maps need a B-cos head (bcos1/2/3); drop it for this probe")
+    x = torch.as_tensor(images)
+    y = torch.as_tensor(labels).long()
+    if boxes is None:
+        if "epg" in mets:
+            raise IISInputError("metrics: 'epg' needs boxes= (one list of (x0, y0, x1, y1) per image)")
+        gs = grids if grids is not None else make_grids(x, y, n_grids, grid_size, seed, models=model,
+                                                         threshold=threshold)
+        inputs, targets, g = gs.images, gs.cell_labels, gs.grid_size
+    else:
+        if "gridpg" in mets:
+            raise IISInputError("metrics: 'gridpg' is computed on grids; leave boxes=None for it")
+        if len(boxes) != x.shape[0]:
+            raise IISInputError(f"boxes must have one entry per image ({x.shape[0]}), got {len(boxes)}")
+        gs, inputs, targets, g = None, x, y.unsqueeze(1), 0
+        masks = torch.stack([boxes_to_mask(b, x.shape[-2], x.shape[-1]) for b in boxes]).unsqueeze(1)
+    scores: dict[str, dict[str, float]] = {}
+    per_map: dict[str, dict[str, torch.Tensor]] = {}
+    speed: dict[str, float] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for meth in meths:
+        t0 = time.perf_counter()
+        a = attribute(model, inputs, targets, meth, batched=batched, ig_steps=ig_steps)
+        speed[meth] = a.shape[0] * a.shape[1] / max(time.perf_counter() - t0, 1e-9)
+        vals: dict[str, torch.Tensor] = {}
+        for met in mets:
+            if met == "gridpg":
+                vals[met] = grid_pointing_game(a, torch.arange(g * g).expand(a.shape[0], -1), g, meth)
+            elif met == "epg":
+                vals[met] = energy_pointing_game(a, masks, meth)
+            elif met == "entropy":
+                vals[met] = entropy(a, meth)
+            else:
+                vals[met] = gini(a)
+        per_map[meth] = vals
+        scores[meth] = {k: float(v.float().mean()) for k, v in vals.items()}
+        if return_maps:
+            kept[meth] = a
+    return AttributionQuality(scores, per_map, speed, gs, kept)

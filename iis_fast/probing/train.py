@@ -1,0 +1,207 @@
+"""Train many probes at once on one frozen backbone's cached spatial maps (SPEC §2.1).
+
+The backbone runs once per split (:func:`~iis_fast.probing.spatial.extract_spatial`); then every
+(head, loss) probe sees the same shuffled mini-batches of maps, and one backward of the summed losses updates
+them all (their parameters are disjoint and Adam is per-parameter, so this equals training each alone with
+the same batches).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import IISInputError
+from .attribution import ProbedModel
+from .heads import HEAD_NAMES, make_head
+from .losses import LOSS_NAMES, get_loss
+from .spatial import SpatialMaps, extract_spatial
+
+__all__ = ["ProbeResult", "probe", "probe_maps", "probe_key"]
+
+
+def probe_key(head: str, loss: str) -> str:
+    """The name of a probe in results: ``"<head>/<loss>"``, e.g. ``"bcos2/bce"``."""
+    return f"{head}/{loss}"
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`probe` returns.
+
+    Attributes:
+        accuracies: eval top-1 per probe key ``"head/loss"`` (after the last epoch; no epoch selection).
+        train_accuracies: train top-1 per probe (last epoch, eval mode).
+        heads: the trained heads (eval mode) per probe key.
+        history: per probe, the mean training loss of each epoch.
+        num_classes, feature_shape: C and the ``(D, h, w)`` of the training maps.
+        config: the training settings; timings: seconds for feature extraction and training.
+        backbone: the frozen backbone (when :func:`probe` got one), for :meth:`model_with_head`.
+    """
+
+    accuracies: dict[str, float]
+    train_accuracies: dict[str, float]
+    heads: dict[str, nn.Module]
+    history: dict[str, list[float]]
+    num_classes: int
+    feature_shape: tuple[int, int, int]
+    config: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    backbone: nn.Module | None = None
+
+    def model_with_head(self, key: str, backbone: nn.Module | None = None) -> ProbedModel:
+        """The backbone with the probe ``key`` (e.g. ``"linear/ce"``) on top, for attribution."""
+        bb = backbone if backbone is not None else self.backbone
+        if bb is None:
+            raise IISInputError("backbone: this result has no backbone (probe_maps); pass backbone=")
+        if key not in self.heads:
+            raise IISInputError(f"key: no probe {key!r}; have {', '.join(self.heads)}")
+        return ProbedModel(bb, self.heads[key])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no weights)."""
+        return {"accuracies": self.accuracies, "train_accuracies": self.train_accuracies, "history": self.history,
+                "num_classes": self.num_classes, "feature_shape": list(self.feature_shape), "config": self.config,
+                "timings": self.timings}
+
+    def table(self) -> str:
+        """A plain-text table: probe, train accuracy, eval accuracy."""
+        rows = [f"{'probe':<12} {'train acc':>9} {'eval acc':>9}"]
+        for k in self.accuracies:
+            rows.append(f"{k:<12} {self.train_accuracies.get(k, float('nan')):>9.4f} {self.accuracies[k]:>9.4f}")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@torch.no_grad()
+def _accuracy(heads: dict[str, nn.Module], maps: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+    correct = {k: 0 for k in heads}
+    for h in heads.values():
+        h.eval()
+    for s in range(0, maps.shape[0], batch_size):
+        xb, yb = maps[s:s + batch_size], labels[s:s + batch_size]
+        for k, h in heads.items():
+            correct[k] += int((h(xb).argmax(-1) == yb).sum())
+    return {k: c / max(1, maps.shape[0]) for k, c in correct.items()}
+
+
+def _as_list(v: str | Sequence[str], what: str, allowed: Sequence[str] | None = None) -> list[str]:
+    items = [s.strip() for s in v.split(",")] if isinstance(v, str) else [str(s) for s in v]
+    items = [s for s in items if s]
+    if not items:
+        raise IISInputError(f"{what} must name at least one of {', '.join(allowed or [])}")
+    if len(set(items)) != len(items):
+        raise IISInputError(f"{what} has duplicates: {items}")
+    return items
+
+
+def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str | Sequence[str] = HEAD_NAMES,
+               losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10, lr: float = 1e-3,
+               batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None, seed: int = 0,
+               device: str | torch.device = "cpu", progress: bool = False) -> ProbeResult:
+    """Train every (head, loss) probe on cached maps; see :func:`probe` for the arguments."""
+    head_names = _as_list(heads, "heads", HEAD_NAMES)
+    loss_names = _as_list(losses, "losses", LOSS_NAMES)
+    loss_fns = {n: get_loss(n) for n in loss_names}
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise IISInputError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise IISInputError(f"lr must be a positive number, got {lr!r}")
+    if batch_size < 2:
+        raise IISInputError(f"batch_size must be >= 2 (BatchNorm in the MLP/B-cos heads), got {batch_size}")
+    if len(train) < 2:
+        raise IISInputError(f"loader must give at least 2 training images, got {len(train)}")
+    c = int(num_classes) if num_classes is not None else int(train.labels.max()) + 1
+    if c < 2 or int(train.labels.min()) < 0 or int(train.labels.max()) >= c:
+        raise IISInputError(f"labels must lie in 0..num_classes-1 with num_classes >= 2; got labels "
+                            f"{int(train.labels.min())}..{int(train.labels.max())}, num_classes={c}")
+    d = train.maps.shape[1]
+    torch.manual_seed(seed)
+    probes = nn.ModuleDict()
+    for hn in head_names:
+        for ln in loss_names:
+            probes[probe_key(hn, ln).replace("/", "__")] = make_head(hn, d, c, hidden=hidden)
+    probes.to(device)
+    keys = {k: k.replace("__", "/") for k in probes}
+    opt = torch.optim.Adam(probes.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    maps, labels = train.maps.to(device), train.labels.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    history: dict[str, list[float]] = {keys[k]: [] for k in probes}
+    t0 = time.perf_counter()
+    ep_iter: Iterable[int] = range(epochs)
+    if progress:
+        from tqdm import tqdm
+        ep_iter = tqdm(ep_iter, desc=f"training {len(probes)} probes", leave=False)
+    for _ in ep_iter:
+        probes.train()
+        perm = torch.randperm(len(train), generator=gen).to(device)
+        sums = {k: 0.0 for k in probes}
+        n_batches = 0
+        for s in range(0, len(train), batch_size):
+            idx = perm[s:s + batch_size]
+            if idx.numel() < 2:   # BatchNorm cannot train on one sample
+                continue
+            xb, yb = maps[idx], labels[idx]
+            total = 0.0
+            for k, h in probes.items():
+                l = loss_fns[keys[k].split("/")[1]](h(xb), yb)
+                sums[k] += float(l.detach())
+                total = total + l
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            n_batches += 1
+        for k in probes:
+            history[keys[k]].append(sums[k] / max(1, n_batches))
+    t_train = time.perf_counter() - t0
+    heads_out = {keys[k]: h.eval() for k, h in probes.items()}
+    train_acc = _accuracy(heads_out, maps, labels, 1024)
+    acc = _accuracy(heads_out, eval.maps.to(device), eval.labels.to(device), 1024) if eval is not None else {}
+    cfg = {"heads": head_names, "losses": loss_names, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+           "hidden": hidden, "seed": seed, "optimizer": "Adam (no weight decay), cosine lr per step",
+           "n_train": len(train), "n_eval": len(eval) if eval is not None else 0}
+    return ProbeResult(acc, train_acc, heads_out, history, c, tuple(train.maps.shape[1:]), cfg,  # type: ignore[arg-type]
+                       {"train_s": t_train, "features_s": train.seconds + (eval.seconds if eval else 0.0)})
+
+
+def probe(model: nn.Module, loader: Iterable | SpatialMaps, eval_loader: Iterable | SpatialMaps | None = None,
+          heads: str | Sequence[str] = HEAD_NAMES, losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10,
+          lr: float = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None,
+          seed: int = 0, device: str | torch.device = "cpu", cache_dir: str | None = None,
+          progress: bool = False) -> ProbeResult:
+    """Train a set of probes at once on one frozen backbone and report each one's accuracy.
+
+    The backbone's last-stage spatial maps are extracted once per split (and cached on disk with
+    ``cache_dir``); every (head, loss) probe is then trained on the same cached maps with Adam (no weight
+    decay, cosine learning-rate decay per step), ``epochs`` passes in shuffled mini-batches.
+
+    Args:
+        model: the frozen backbone (a timm model: its ``forward_features`` map is used).
+        loader: TRAIN ``(images, labels)`` batches, or precomputed :class:`SpatialMaps`.
+        eval_loader: evaluation batches (or maps); without it ``accuracies`` is empty.
+        heads: names from ``linear, mlp2, mlp3, bcos1, bcos2, bcos3`` (list or comma-separated string).
+        losses: ``ce`` and/or ``bce`` (BCE targets clamp(one_hot, 1/C)).
+        epochs, lr, batch_size: the training recipe; hidden: width of MLP/B-cos hidden layers (2048).
+        num_classes: C (default: max train label + 1). seed: head init and shuffling.
+
+    Returns:
+        :class:`ProbeResult`, with accuracies and trained heads keyed ``"head/loss"``.
+    """
+    def maps_of(src: Iterable | SpatialMaps) -> SpatialMaps:
+        return src if isinstance(src, SpatialMaps) else extract_spatial(model, src, device, cache_dir, progress)
+
+    train = maps_of(loader)
+    ev = maps_of(eval_loader) if eval_loader is not None else None
+    res = probe_maps(train, ev, heads, losses, epochs=epochs, lr=lr, batch_size=batch_size, hidden=hidden,
+                     num_classes=num_classes, seed=seed, device=device, progress=progress)
+    res.backbone = model
+    return res

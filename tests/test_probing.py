@@ -1,0 +1,244 @@
+"""How-to-Probe (SPEC §2): metrics against hand-computed values, losses, heads, B-cos completeness, batched vs
+one-target-at-a-time attributions, and probe() + attribution_quality() on real Fashion-MNIST features."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from iis_fast.errors import IISInputError
+from iis_fast.probing import (
+    BcosProbe, LinearProbe, ProbedModel, attribute, attribution_quality, bce_loss, bce_targets, energy_pointing_game,
+    entropy, gini, grid_pointing_game, make_grids, make_head, probe, smooth,
+)
+from iis_fast.probing.metrics import boxes_to_mask, gaussian_smooth, mean_filter5, positive
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small ops gain nothing from a second thread, and on a shared 2-core runner 2 threads ran ~10x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- metrics, hand-computed
+
+def test_mean_filter_border_always_divides_by_25():
+    s = mean_filter5(torch.ones(6, 6))
+    assert s[0, 0].item() == pytest.approx(9 / 25)     # 3x3 of the window inside the map, still /25
+    assert s[0, 2].item() == pytest.approx(15 / 25)    # 3 rows x 5 cols inside
+    assert s[1, 1].item() == pytest.approx(16 / 25)
+    assert s[2, 2].item() == pytest.approx(1.0)
+    assert s[5, 5].item() == pytest.approx(9 / 25)
+
+
+def _map() -> torch.Tensor:
+    """4x4 map: +25 at (0,0), -50 at (3,3). Smoothed: +1 on rows/cols 0..2, -2 on rows/cols 1..3.
+    P = max(S, 0) is 1 on exactly (0,0), (0,1), (0,2), (1,0), (2,0)."""
+    a = torch.zeros(4, 4)
+    a[0, 0], a[3, 3] = 25.0, -50.0
+    return a
+
+
+def test_smooth_then_clip():
+    p = positive(_map())
+    expect = torch.zeros(4, 4)
+    for i, j in [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]:
+        expect[i, j] = 1.0
+    torch.testing.assert_close(p, expect)
+    # clipping first would keep the +25 pixel's full spread (9 pixels of 1): not what the metric does
+    assert int((mean_filter5(_map().clamp_min(0)) > 0).sum()) == 9
+    a = torch.zeros(5, 5)
+    a[2, 2], a[2, 3] = 2.0, -1.0
+    assert positive(a)[2, 2].item() == pytest.approx(1 / 25)   # (2 - 1) / 25, not 2 / 25
+
+
+def test_gridpg_hand_computed():
+    maps = _map().expand(4, 4, 4)
+    got = grid_pointing_game(maps, torch.arange(4), grid_size=2)
+    torch.testing.assert_close(got, torch.tensor([3 / 5, 1 / 5, 1 / 5, 0.0]))
+    # without the negative pixel: 9 smoothed pixels of 1, 4 / 2 / 2 / 1 of them per cell
+    a = torch.zeros(4, 4)
+    a[0, 0] = 25.0
+    torch.testing.assert_close(grid_pointing_game(a.expand(4, 4, 4), torch.arange(4), 2),
+                               torch.tensor([4 / 9, 2 / 9, 2 / 9, 1 / 9]))
+    assert grid_pointing_game(torch.zeros(1, 4, 4), torch.tensor([0]), 2).item() == 0.0  # +1e-12: no NaN
+
+
+def test_epg_entropy_gini_hand_computed():
+    mask = boxes_to_mask([(0, 0, 2, 1)], 4, 4)             # x in [0, 2), y in [0, 1): (0,0), (0,1)
+    assert int(mask.sum()) == 2 and mask[0, 0] and mask[0, 1]
+    assert energy_pointing_game(_map(), mask).item() == pytest.approx(2 / 5)
+    assert entropy(_map()).item() == pytest.approx(math.log2(5), abs=1e-6)   # uniform over 5 pixels
+    assert entropy(torch.zeros(4, 4)).item() == 0.0
+    assert gini(_map()).item() == pytest.approx(15 / 16)   # max(A, 0): one 25 among 16 pixels, unsmoothed
+    assert gini(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).item() == pytest.approx(0.25)
+    assert gini(torch.ones(3, 3)).item() == pytest.approx(0.0, abs=1e-7)
+    assert gini(torch.zeros(3, 3)).item() == 0.0
+
+
+def test_ixg_uses_gaussian_129_reflect():
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    a = torch.randn(140, 140)
+    ref = tvf.gaussian_blur(a[None], kernel_size=[129, 129], sigma=[32.25, 32.25])[0]
+    torch.testing.assert_close(smooth(a, "ixg"), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(smooth(a, "gradcam"), mean_filter5(a))
+    small = gaussian_smooth(torch.full((2, 9, 9), 3.0))    # pad 64 > 9: repeated reflection, still constant
+    torch.testing.assert_close(small, torch.full((2, 9, 9), 3.0))
+
+
+# ---------------------------------------------------------------- losses and heads
+
+def test_bce_targets_and_loss():
+    t = bce_targets(torch.tensor([2, 0]), 4)
+    torch.testing.assert_close(t, torch.tensor([[0.25, 0.25, 1.0, 0.25], [1.0, 0.25, 0.25, 0.25]]))
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, -0.5, 3.0]])
+    p = torch.sigmoid(logits)
+    manual = -(t * p.log() + (1 - t) * (1 - p).log()).mean()   # averaged over batch x classes
+    assert bce_loss(logits, torch.tensor([2, 0])).item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_linear_head_per_position_equals_pooling_first():
+    torch.manual_seed(0)
+    head = LinearProbe(16, 5)
+    f = torch.randn(3, 16, 4, 3)
+    pooled = nn.functional.linear(f.mean((2, 3)), head.fc.weight.flatten(1), head.fc.bias)
+    torch.testing.assert_close(head(f), pooled, atol=1e-6, rtol=1e-5)
+    mlp = make_head("mlp2", 16, 5, hidden=8).eval()
+    assert not torch.allclose(mlp(f), mlp(f.mean((2, 3), keepdim=True)), atol=1e-4)  # MLPs need the map
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_bcos_completeness(layers):
+    torch.manual_seed(layers)
+    head = BcosProbe(12, 6, layers=layers, hidden=10)
+    assert head.logit_bias == pytest.approx(-math.log(5))
+    f = torch.randn(5, 12, 3, 3).abs()
+    head.train()
+    head(f)
+    head.eval()
+    logits = head(f)
+    contrib = head.contributions(f)                          # [B, C, h, w], from one forward
+    torch.testing.assert_close(contrib.sum((2, 3)), logits - head.logit_bias, atol=1e-5, rtol=1e-5)
+    # explanation mode: input x dynamic-linear weights (the gradient with detached scales), summed over channels
+    fg = f.clone().requires_grad_(True)
+    with head.explanation_mode():
+        out = head(fg)
+    for c in range(6):
+        g, = torch.autograd.grad(out[1, c], fg, retain_graph=True)
+        torch.testing.assert_close((g * f).sum(1)[1], contrib[1, c], atol=1e-6, rtol=1e-4)
+        assert (g * f).sum().item() == pytest.approx((logits[1, c] - head.logit_bias).item(), rel=1e-4, abs=1e-6)
+    # outside explanation mode the gradient differs (dynamic scales are not constant)
+    g_plain, = torch.autograd.grad(head(fg)[1, 0], fg)
+    assert not torch.allclose(g_plain * f, g * f)
+
+
+# ---------------------------------------------------------------- batched == one target at a time
+
+class TinyNet(nn.Module):
+    """A 2-stage CNN with a timm-style forward_features (stride 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("head_name", ["linear", "mlp2", "bcos2"])
+def test_batched_attributions_equal_one_target_at_a_time(head_name):
+    torch.manual_seed(1)
+    bb = TinyNet().eval()
+    head = make_head(head_name, 16, 5, hidden=12)
+    head.train()
+    head(torch.randn(8, 16, 4, 4).abs())                     # non-trivial BN statistics
+    model = ProbedModel(bb, head).eval()
+    x = torch.randn(2, 3, 16, 16)
+    targets = torch.tensor([[0, 3, 4], [2, 1, 0]])
+    methods = ["ixg", "gradcam", "ig"] + (["bcos"] if head_name.startswith("bcos") else [])
+    for m in methods:
+        a = attribute(model, x, targets, m, ig_steps=5)
+        b = attribute(model, x, targets, m, ig_steps=5, batched=False)
+        assert a.shape == (2, 3, 16, 16)
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=f"{head_name} {m}")
+    assert all(p.requires_grad for p in model.parameters())  # frozen only inside attribute()
+    if not head_name.startswith("bcos"):
+        with pytest.raises(IISInputError, match="B-cos head"):
+            attribute(model, x, targets, "bcos")
+
+
+def test_ig_completeness_on_linear_model():
+    """For a model linear in its input, IG with baseline 0 sums to logit(x) - logit(0), for every target."""
+    torch.manual_seed(0)
+
+    class Lin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 1, bias=False)
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    model = ProbedModel(Lin(), LinearProbe(6, 4))
+    x = torch.randn(2, 3, 8, 8)
+    a = attribute(model, x, torch.tensor([[0, 1, 2, 3]] * 2), "ig", ig_steps=3)
+    with torch.no_grad():
+        want = model(x) - model(torch.zeros_like(x))
+    torch.testing.assert_close(a.sum((2, 3)), want, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- real data
+
+@pytest.fixture(scope="module")
+def fmnist_64(pretrained_mobilenet):
+    from iis_fast.data.fashion_mnist import fashion_mnist_loaders
+    from iis_fast.models import preprocessing_config
+    pre = preprocessing_config(pretrained_mobilenet)
+    return fashion_mnist_loaders(400, 300, 64, pre["mean"], pre["std"], batch_size=100, seed=0)
+
+
+@pytest.fixture(scope="module")
+def probed(pretrained_mobilenet, fmnist_64):
+    torch.manual_seed(0)
+    train, ev = fmnist_64
+    return probe(pretrained_mobilenet, train, ev, heads=("linear", "mlp2", "mlp3", "bcos1", "bcos2", "bcos3"),
+                 losses=("ce", "bce"), epochs=10, lr=1e-3, batch_size=50, hidden=128, seed=0)
+
+
+def test_probe_real_fashion_mnist_above_chance(probed):
+    assert probed.feature_shape == (1280, 2, 2)              # MobileNetV2's last stage at 64 px
+    assert set(probed.accuracies) == {f"{h}/{l}" for h in ("linear", "mlp2", "mlp3", "bcos1", "bcos2", "bcos3")
+                                      for l in ("ce", "bce")}
+    for k, acc in probed.accuracies.items():
+        assert acc > 0.4, f"{k}: eval accuracy {acc:.3f} not above chance (0.1)"
+    for k, hist in probed.history.items():
+        assert hist[-1] < hist[0], f"{k}: training loss did not decrease {hist}"
+
+
+def test_attribution_quality_real_grids(probed, fmnist_64):
+    _, ev = fmnist_64
+    x = torch.cat([b[0] for b in ev])
+    y = torch.cat([b[1] for b in ev])
+    lin, bc = probed.model_with_head("linear/ce"), probed.model_with_head("bcos2/bce")
+    grids = make_grids(x, y, n_grids=2, grid_size=3, seed=0, models=[lin, bc], threshold=0.8)
+    assert grids.images.shape == (2, 3, 192, 192)
+    for row in grids.cell_labels:
+        assert len(set(row.tolist())) == 9                   # distinct classes
+    again = make_grids(x, y, n_grids=2, grid_size=3, seed=0, models=[lin, bc], threshold=0.8)
+    assert torch.equal(again.source_indices, grids.source_indices)   # seeded
+    q = attribution_quality(bc, x, y, methods=("gradcam", "bcos"), grids=grids)
+    for m in ("gradcam", "bcos"):
+        s = q.scores[m]
+        assert 0.0 <= s["gridpg"] <= 1.0 and s["entropy"] > 0 and 0 <= s["gini"] <= 1
+        assert q.per_map[m]["gridpg"].shape == (2, 9)
+    assert q.scores["bcos"]["gridpg"] > 1 / 9                # better than uniform over 9 cells
+    with pytest.raises(IISInputError, match="B-cos head"):
+        attribution_quality(lin, x, y, methods=("bcos",), grids=grids)
