@@ -27,3 +27,14 @@ def __getattr__(name: str):  # lazy: matplotlib / training code only when used
         from .make_checkpoints import make_checkpoints
         return make_checkpoints
     raise AttributeError(name)
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """Importing ``iis_fast.sweep.<sub>`` rebinds ``iis_fast.sweep`` to this package, shadowing the lazily exported
+    function; making the package callable keeps ``iis_fast.sweep(...)`` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule
