@@ -36,6 +36,17 @@ S = 32           # model input side
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# FFCV loaders are kept alive for the whole process: when one is garbage-collected, numba's finaliser for FFCV's
+# imdecode raises (and prints) a KeyError, and on CPython 3.11.7 a GC landing inside ast.parse (pytest plugins
+# parse at session end) then fails with "SystemError: AST constructor recursion depth mismatch".
+_ALIVE: list = []
+
+
+def keep(loader):
+    _ALIVE.append(loader)
+    return loader
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
@@ -72,7 +83,7 @@ def jpeg_beton(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def raw_loader(raw_beton: Path) -> FFCVImageLoader:
-    return ffcv_loader(raw_beton, S, MEAN, STD, batch_size=64, num_workers=2)
+    return keep(ffcv_loader(raw_beton, S, MEAN, STD, batch_size=64, num_workers=2))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +172,7 @@ def test_arrays_and_fashion_mnist_writers_write_the_same_file(work, fm, raw_beto
 
 def test_jpeg_beton_close_to_dataloader(jpeg_beton, fm, model):
     images, labels = fm
-    x, y = collect(ffcv_loader(jpeg_beton, S, MEAN, STD, batch_size=100, num_workers=1))
+    x, y = collect(keep(ffcv_loader(jpeg_beton, S, MEAN, STD, batch_size=100, num_workers=1)))
     xt, _ = collect(torch_loader(pil_dataset(images, labels), S, MEAN, STD, batch_size=100))
     assert torch.equal(y, torch.from_numpy(labels))
     err = ((x - xt) * torch.tensor(STD).view(1, 3, 1, 1)).abs()             # in [0, 1] pixel units
@@ -175,7 +186,7 @@ def test_image_folder_crop_semantics_and_resize(jpeg_folder, work, model):
     info = write_image_folder(jpeg_folder, work / "folder_raw.beton", write_mode="raw", progress=False,
                               page_size=1 << 21)
     assert info.classes == ("bag", "coat", "sandal") and info.num_samples == 60 and info.num_classes == 3
-    loader = ffcv_loader(work / "folder_raw.beton", S, MEAN, STD, batch_size=60, num_workers=2, crop_pct=0.8)
+    loader = keep(ffcv_loader(work / "folder_raw.beton", S, MEAN, STD, batch_size=60, num_workers=2, crop_pct=0.8))
     x, y = collect(loader)
     xt, yt = collect(torch_loader(jpeg_folder, S, MEAN, STD, batch_size=60, crop_pct=0.8))
     assert torch.equal(y, yt) and torch.equal(y, torch.arange(3).repeat_interleave(20))
@@ -183,7 +194,7 @@ def test_image_folder_crop_semantics_and_resize(jpeg_folder, work, model):
     # JPEG storage re-encodes; the whole image is resized 40 -> 32 (INTER_AREA vs PIL bilinear): close, not equal
     write_image_folder(jpeg_folder, work / "folder_jpg.beton", write_mode="jpeg", jpeg_quality=95,
                        progress=False, page_size=1 << 21)
-    xj, yj = collect(ffcv_loader(work / "folder_jpg.beton", S, MEAN, STD, batch_size=60, num_workers=2))
+    xj, yj = collect(keep(ffcv_loader(work / "folder_jpg.beton", S, MEAN, STD, batch_size=60, num_workers=2)))
     xr, _ = collect(torch_loader(jpeg_folder, S, MEAN, STD, batch_size=60, crop_pct=1.0))
     assert torch.equal(yj, y)
     err = ((xj - xr) * torch.tensor(STD).view(1, 3, 1, 1)).abs()
@@ -213,7 +224,7 @@ def test_fingerprint_and_len(raw_loader, raw_beton):
 
 def test_resolve_loader(raw_beton, raw_loader, jpeg_folder):
     kw = dict(image_size=(S, S), mean=MEAN, std=STD, batch_size=64, device="cpu")
-    got = resolve_loader(str(raw_beton), **kw)
+    got = keep(resolve_loader(str(raw_beton), **kw))
     assert isinstance(got, FFCVImageLoader) and got.fingerprint == raw_loader.fingerprint and len(got) == 4
     assert resolve_loader(raw_loader, **kw) is raw_loader
     assert resolve_loader(raw_loader.ffcv, **kw) is raw_loader.ffcv                    # a raw FFCV Loader
@@ -228,8 +239,15 @@ def test_resolve_loader(raw_beton, raw_loader, jpeg_folder):
 
 def test_workers_never_above_cores(raw_beton):
     with pytest.warns(UserWarning, match="usable cores"):
-        lo = ffcv_loader(raw_beton, S, MEAN, STD, num_workers=10_000)
+        lo = keep(ffcv_loader(raw_beton, S, MEAN, STD, num_workers=10_000))
     assert lo.num_workers <= (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        keep(ffcv_loader(raw_beton, S, MEAN, STD, num_workers=2))
+        assert torch.get_num_threads() == 1      # FFCV's Loader sets torch's threads too; ffcv_loader undoes it
+    finally:
+        torch.set_num_threads(prev)
     with pytest.raises(IISInputError, match="square"):
         ffcv_loader(raw_beton, (S, S + 1), MEAN, STD)
 
