@@ -27,7 +27,7 @@ def run(ckpt_dir: str, workers: int, every: int, limit: int | None, n_train: int
         extra: dict) -> dict:
     import torch
 
-    from iis_fast.sweep import parse_checkpoints, sweep
+    from iis_fast.sweeps import parse_checkpoints, sweep
 
     specs = parse_checkpoints(ckpt_dir, arch="iis_smallcnn")[::every]
     if limit:

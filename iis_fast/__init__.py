@@ -17,7 +17,7 @@ from .result import IISResult
 from .score import score, score_features
 
 # Heavier parts (pandas, Ray, matplotlib) load on first use.
-_LAZY = {"sweep": "iis_fast.sweep", "probe": "iis_fast.probing", "attribution_quality": "iis_fast.probing"}
+_LAZY = {"sweep": "iis_fast.sweeps", "probe": "iis_fast.probing", "attribution_quality": "iis_fast.probing"}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-SUBCOMMAND_MODULES = ("iis_fast.sweep.cli", "iis_fast.probing.cli")
+SUBCOMMAND_MODULES = ("iis_fast.sweeps.cli", "iis_fast.probing.cli")
 
 
 def _floats(text: str) -> list[float]:

@@ -24,9 +24,9 @@ if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exis
         not os.environ.get("IIS_FAST_FASHION_MNIST"):
     pytest.skip("Fashion-MNIST idx files not installed", allow_module_level=True)
 
-from iis_fast.sweep import ResultStore, parse_checkpoints, sweep  # noqa: E402
-from iis_fast.sweep.checkpoints import step_from_name  # noqa: E402
-from iis_fast.sweep.smallcnn import SmallCNN  # noqa: E402
+from iis_fast.sweeps import ResultStore, parse_checkpoints, sweep  # noqa: E402
+from iis_fast.sweeps.checkpoints import step_from_name  # noqa: E402
+from iis_fast.models.smallcnn import SmallCNN  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 DATA = "fashion-mnist:n_train=120,n_eval=60"
@@ -156,7 +156,7 @@ def test_sweep_records_failures_skips_stored_and_retries(tmp_path, cache):
 _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from iis_fast.sweep import sweep
+    from iis_fast.sweeps import sweep
     from test_sweep import counting_score, TINY
 
     if __name__ == "__main__":          # the local executor spawns workers, which re-import this script
@@ -288,7 +288,7 @@ def _fake_rows(n: int, seed: int = 0):
 
 def test_correlations_match_scipy_and_ci_covers():
     from scipy.stats import pearsonr, spearmanr
-    from iis_fast.sweep.report import correlations
+    from iis_fast.sweeps.report import correlations
     rng = np.random.default_rng(1)
     x = rng.normal(size=60)
     y = 0.6 * x + rng.normal(size=60)
@@ -308,7 +308,7 @@ def test_correlations_match_scipy_and_ci_covers():
 
 def test_report_writes_table_html_and_pngs(tmp_path):
     from scipy.stats import spearmanr
-    from iis_fast.sweep.report import make_report
+    from iis_fast.sweeps.report import make_report
     db = tmp_path / "r.db"
     rows = _fake_rows(25)
     with ResultStore(db) as store:
@@ -329,7 +329,7 @@ def test_report_writes_table_html_and_pngs(tmp_path):
 
 
 def test_cli_help_and_report(tmp_path, capsys):
-    from iis_fast.sweep.cli import main
+    from iis_fast.sweeps.cli import main
     for cmd in ("sweep", "report", "make-checkpoints"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])

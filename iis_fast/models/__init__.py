@@ -26,6 +26,7 @@ from .registry import (
 )
 from . import efficientnet_lite as efficientnet_lite  # noqa: E402  (registers local weights)
 from . import mobilenetv2 as mobilenetv2  # noqa: E402  (registers local weights)
+from . import smallcnn as smallcnn  # noqa: E402  (registers iis_smallcnn in timm)
 from .efficientnet_lite import efficientnet_lite_pytorch_to_timm
 from .mobilenetv2 import mobilenet_v2_torchvision_state_dict, torchvision_mobilenet_v2, torchvision_mobilenetv2_to_timm
 

@@ -157,7 +157,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one of these subcommands standalone: ``python -m iis_fast.sweep.cli sweep ...``."""
+    """Run one of these subcommands standalone: ``python -m iis_fast.sweeps.cli sweep ...``."""
     p = argparse.ArgumentParser(prog="iis-fast")
     register(p.add_subparsers(dest="command", required=True))
     a = p.parse_args(argv)

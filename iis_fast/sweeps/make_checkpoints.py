@@ -1,6 +1,6 @@
 """Generate a real training trajectory to sweep: the small CNN trained on Fashion-MNIST on the CPU.
 
-:func:`make_checkpoints` trains :class:`~iis_fast.sweep.smallcnn.SmallCNN` (timm name ``iis_smallcnn``) with
+:func:`make_checkpoints` trains :class:`~iis_fast.models.smallcnn.SmallCNN` (timm name ``iis_smallcnn``) with
 Adam and saves a checkpoint every ``every`` steps (step 0, the random initialisation, included), each as
 ``{"state_dict": ..., "step": int, "epoch": float, "test_acc": float}`` (readable by
 :func:`iis_fast.models.load_checkpoint`), plus a manifest ``checkpoints.csv`` with columns
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .smallcnn import FASHION_MNIST_MEAN, FASHION_MNIST_STD, SMALLCNN_NAME, SmallCNN
+from ..models.smallcnn import FASHION_MNIST_MEAN, FASHION_MNIST_STD, SMALLCNN_NAME, SmallCNN
 
 __all__ = ["TrainSummary", "make_checkpoints"]
 

@@ -36,7 +36,7 @@ def _score_fn_name(score_fn: Callable[..., Any] | str | None) -> str | None:
 
 def _preprocessing_of(model_name: str) -> dict[str, Any]:
     from ..models import create_model, preprocessing_config
-    from . import smallcnn  # noqa: F401
+    import iis_fast.models  # noqa: F401  (registers iis_smallcnn in timm in this process)
     return preprocessing_config(create_model(model_name))
 
 
@@ -53,7 +53,7 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
 
     Args:
         checkpoints: paths, globs, folders, or ``.csv``/``.txt`` lists of ``model_name,path[,step,...]``
-            (see :func:`~iis_fast.sweep.checkpoints.parse_checkpoints`).
+            (see :func:`~iis_fast.sweeps.checkpoints.parse_checkpoints`).
         data: ``"fashion-mnist[:n_train=2000,n_eval=1000,seed=0]"`` (decoded and preprocessed once per
             preprocessing, shared by all workers), a ``.beton`` path, or a ``(train_loader, eval_loader)`` pair.
         arch: timm model name for checkpoints that do not name theirs (e.g. ``"iis_smallcnn"``).

@@ -78,7 +78,7 @@ def _stage_times(timings: dict[str, float]) -> dict[str, float]:
 
 def run_task(task: Task) -> list[dict[str, Any]]:
     """Score one checkpoint under each of its settings; never raises (failures become ``failed`` rows)."""
-    from . import smallcnn  # noqa: F401  (registers iis_smallcnn in timm in this process)
+    import iis_fast.models  # noqa: F401  (registers iis_smallcnn in timm in this process)
 
     if task.threads:
         import torch
@@ -147,7 +147,7 @@ def _init_worker(threads: int | None) -> None:
     if threads:
         import torch
         torch.set_num_threads(int(threads))
-    from . import smallcnn  # noqa: F401
+    import iis_fast.models  # noqa: F401  (registers iis_smallcnn in timm in this process)
 
 
 def run_local(tasks: Sequence[Task], workers: int | None = None, **_: Any) -> Result:
