@@ -23,9 +23,11 @@ class GridParams:
         wp, bp = init_linear(in_dim, k, spec.seed, 0)
         self.wp = wp.t().contiguous().expand(n_lr, in_dim, k).clone().to(device)      # [L, D, K]
         self.bp = bp.expand(n_lr, k).clone().to(device)                                 # [L, K]
-        ws, bs = zip(*[init_linear(num_concepts, k, spec.seed, 1 + si) for si in range(n_s)])
-        self.w = torch.stack([w.t() for w in ws for _ in range(n_lr)]).contiguous().to(device)  # [H, M, K]
-        self.b = torch.stack([b for b in bs for _ in range(n_lr)]).to(device)                    # [H, K]
+        inits = [init_linear(num_concepts, k, spec.seed, 1 + si) for si in range(n_s)]    # [] for a probe-only grid
+        self.w = torch.stack([w.t() for w, _ in inits for _ in range(n_lr)]).contiguous().to(device) \
+            if inits else torch.zeros(0, num_concepts, k, device=device)                          # [H, M, K]
+        self.b = torch.stack([b for _, b in inits for _ in range(n_lr)]).to(device) \
+            if inits else torch.zeros(0, k, device=device)                                        # [H, K]
         self.gamma = torch.ones(n_s * n_lr, num_concepts, device=device)                         # [H, M]
         self.beta = torch.zeros(n_s * n_lr, num_concepts, device=device)
         self.kidx = torch.tensor([kk for kk in spec.ks(num_concepts) for _ in range(n_lr)], device=device)
