@@ -3,7 +3,9 @@
 Methods (maps are ``[B, T, H, W]``: channels summed, input resolution, one per (image, target)):
 
 - ``ixg``  Input×Gradient: one forward of the images, then all T targets' input gradients in one batched
-  backward (``autograd.grad(..., is_grads_batched=True)``, i.e. vmap over the cotangents).
+  backward (``autograd.grad(..., is_grads_batched=True)``, i.e. vmap over the cotangents). The input is
+  made channels_last so CPU convolutions take the oneDNN path. Note: on CPU, vmap runs the convolution
+  backward once per cotangent, so only the forward is shared (at most 2T/(T+1) fewer FLOPs).
 - ``gradcam`` Grad-CAM on the last conv block (the backbone's last spatial map F): the backbone runs once
   without a graph; the head's gradients for all T targets come from one batched backward through the head
   only. ``cam = ReLU(Σ_d mean_hw(∂y_t/∂F_d) F_d)``, bilinearly upsampled (align_corners=False).
@@ -105,7 +107,8 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _ixg(model: ProbedModel, x: torch.Tensor, targets: torch.Tensor, batched: bool) -> torch.Tensor:
     if batched:
-        xg = x.detach().clone().requires_grad_(True)
+        # channels_last input: on CPU the batched backward then takes the oneDNN conv path (~2-3x faster here)
+        xg = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         with explanation_mode(model.head):
             logits = model(xg)
         g, = torch.autograd.grad(logits, xg, _cotangents(targets, logits.shape[1], logits.dtype),
@@ -153,7 +156,8 @@ def _ig(model: ProbedModel, x: torch.Tensor, targets: torch.Tensor, batched: boo
     for b in range(x.shape[0]):
         diff = (x[b] - base[b]).detach()
         if batched:
-            xs = (base[b] + alphas.view(-1, 1, 1, 1) * diff).requires_grad_(True)   # [m, 3, H, W]
+            xs = (base[b] + alphas.view(-1, 1, 1, 1) * diff).contiguous(memory_format=torch.channels_last)
+            xs.requires_grad_(True)                                                # [m, 3, H, W]
             with explanation_mode(model.head):
                 logits = model(xs)
             go = _cotangents(targets[b:b + 1], logits.shape[1], logits.dtype, repeat=steps)  # [T, m, C]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -102,8 +102,8 @@ def _as_list(v: str | Sequence[str], what: str, allowed: Sequence[str] | None = 
 
 
 def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str | Sequence[str] = HEAD_NAMES,
-               losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10, lr: float = 1e-3,
-               batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None, seed: int = 0,
+               losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10,
+               lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None, seed: int = 0,
                device: str | torch.device = "cpu", progress: bool = False) -> ProbeResult:
     """Train every (head, loss) probe on cached maps; see :func:`probe` for the arguments."""
     head_names = _as_list(heads, "heads", HEAD_NAMES)
@@ -111,8 +111,11 @@ def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str |
     loss_fns = {n: get_loss(n) for n in loss_names}
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise IISInputError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise IISInputError(f"lr must be a positive number, got {lr!r}")
+    lr_map = dict(lr) if isinstance(lr, Mapping) else {}
+    base_lr = lr_map.pop("default", 1e-3) if isinstance(lr, Mapping) else lr
+    for v in [base_lr, *lr_map.values()]:
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise IISInputError(f"lr must be a positive number or a {{head: lr}} mapping, got {lr!r}")
     if batch_size < 2:
         raise IISInputError(f"batch_size must be >= 2 (BatchNorm in the MLP/B-cos heads), got {batch_size}")
     if len(train) < 2:
@@ -129,7 +132,8 @@ def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str |
             probes[probe_key(hn, ln).replace("/", "__")] = make_head(hn, d, c, hidden=hidden)
     probes.to(device)
     keys = {k: k.replace("__", "/") for k in probes}
-    opt = torch.optim.Adam(probes.parameters(), lr=lr)
+    opt = torch.optim.Adam([{"params": h.parameters(), "lr": float(lr_map.get(keys[k].split("/")[0], base_lr))}
+                            for k, h in probes.items()])
     steps_per_epoch = math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     maps, labels = train.maps.to(device), train.labels.to(device)
@@ -166,7 +170,8 @@ def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str |
     heads_out = {keys[k]: h.eval() for k, h in probes.items()}
     train_acc = _accuracy(heads_out, maps, labels, 1024)
     acc = _accuracy(heads_out, eval.maps.to(device), eval.labels.to(device), 1024) if eval is not None else {}
-    cfg = {"heads": head_names, "losses": loss_names, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+    cfg = {"heads": head_names, "losses": loss_names, "epochs": epochs,
+           "lr": {hn: float(lr_map.get(hn, base_lr)) for hn in head_names}, "batch_size": batch_size,
            "hidden": hidden, "seed": seed, "optimizer": "Adam (no weight decay), cosine lr per step",
            "n_train": len(train), "n_eval": len(eval) if eval is not None else 0}
     return ProbeResult(acc, train_acc, heads_out, history, c, tuple(train.maps.shape[1:]), cfg,  # type: ignore[arg-type]
@@ -175,7 +180,7 @@ def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str |
 
 def probe(model: nn.Module, loader: Iterable | SpatialMaps, eval_loader: Iterable | SpatialMaps | None = None,
           heads: str | Sequence[str] = HEAD_NAMES, losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10,
-          lr: float = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None,
+          lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None,
           seed: int = 0, device: str | torch.device = "cpu", cache_dir: str | None = None,
           progress: bool = False) -> ProbeResult:
     """Train a set of probes at once on one frozen backbone and report each one's accuracy.
@@ -190,7 +195,8 @@ def probe(model: nn.Module, loader: Iterable | SpatialMaps, eval_loader: Iterabl
         eval_loader: evaluation batches (or maps); without it ``accuracies`` is empty.
         heads: names from ``linear, mlp2, mlp3, bcos1, bcos2, bcos3`` (list or comma-separated string).
         losses: ``ce`` and/or ``bce`` (BCE targets clamp(one_hot, 1/C)).
-        epochs, lr, batch_size: the training recipe; hidden: width of MLP/B-cos hidden layers (2048).
+        epochs, lr, batch_size: the training recipe; ``lr`` may be a mapping ``{head name: lr}`` (key
+            ``"default"`` for the rest), e.g. a larger rate for the linear head; hidden: width of MLP/B-cos hidden layers (2048).
         num_classes: C (default: max train label + 1). seed: head init and shuffling.
 
     Returns:
