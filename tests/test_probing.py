@@ -242,3 +242,43 @@ def test_attribution_quality_real_grids(probed, fmnist_64):
     assert q.scores["bcos"]["gridpg"] > 1 / 9                # better than uniform over 9 cells
     with pytest.raises(IISInputError, match="B-cos head"):
         attribution_quality(lin, x, y, methods=("bcos",), grids=grids)
+
+
+# ---------------------------------------------------------------- API surface
+
+def test_box_mode_epg_and_errors():
+    torch.manual_seed(0)
+    model = ProbedModel(TinyNet().eval(), make_head("linear", 16, 3))
+    x, y = torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    q = attribution_quality(model, x, y, methods=("ixg", "gradcam"), metrics=("epg", "entropy", "gini"),
+                            boxes=[[(0, 0, 8, 8)], [(4, 4, 16, 16)], [(0, 0, 16, 16)]])
+    assert q.per_map["gradcam"]["epg"].shape == (3, 1)
+    for m in ("ixg", "gradcam"):       # the box is the whole image: 1, or 0 when no attribution is positive
+        v = q.per_map[m]["epg"][2].item()
+        assert v == pytest.approx(1.0) or v == 0.0
+    with pytest.raises(IISInputError, match="epg"):
+        attribution_quality(model, x, y, metrics=("epg",))
+    with pytest.raises(IISInputError, match="unknown method"):
+        attribute(model, x, y, "lrp")
+    with pytest.raises(IISInputError, match="heads"):
+        make_head("mlp1", 16, 3)
+
+
+def test_cli_register_and_lr_mapping():
+    import argparse
+
+    from iis_fast.probing.cli import register
+    from iis_fast.probing.spatial import SpatialMaps
+    from iis_fast.probing.train import probe_maps
+    parser = argparse.ArgumentParser(prog="iis-fast")
+    sub = parser.add_subparsers()
+    p = register(sub)
+    assert "GridPG" in p.description
+    args = parser.parse_args(["probe", "--heads", "linear,bcos2", "--losses", "bce", "--quick"])
+    assert args.heads == ["linear", "bcos2"] and args.losses == ["bce"] and args.quick
+    maps = SpatialMaps(torch.randn(20, 4, 2, 2), torch.arange(20) % 2)
+    r = probe_maps(maps, maps, heads="linear,mlp2", losses="ce", epochs=1, hidden=4, batch_size=8,
+                   lr={"linear": 1e-2, "default": 1e-4})
+    assert r.config["lr"] == {"linear": 1e-2, "mlp2": 1e-4}
+    with pytest.raises(IISInputError, match="lr"):
+        probe_maps(maps, maps, heads="linear", losses="ce", lr=-1.0)

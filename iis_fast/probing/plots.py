@@ -74,9 +74,10 @@ def plot_attributions(grid_image: torch.Tensor, maps: Mapping[str, Mapping[str, 
             if scores and p in scores and m in scores[p]:
                 t = (t + "\n" if t else "") + f"GridPG {scores[p][m]:.2f}"
             ax.set_title(t, fontsize=7)
+    fig_h = 1.9 * len(probes) + 0.6
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig_h) if title else None)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -80,7 +80,8 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def _accuracy(heads: dict[str, nn.Module], maps: torch.Tensor, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+def _accuracy(heads: dict[str, nn.Module], maps: torch.Tensor, labels: torch.Tensor,
+              batch_size: int) -> dict[str, float]:
     correct = {k: 0 for k in heads}
     for h in heads.values():
         h.eval()
@@ -103,7 +104,8 @@ def _as_list(v: str | Sequence[str], what: str, allowed: Sequence[str] | None = 
 
 def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str | Sequence[str] = HEAD_NAMES,
                losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10,
-               lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None, seed: int = 0,
+               lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048,
+               num_classes: int | None = None, seed: int = 0,
                device: str | torch.device = "cpu", progress: bool = False) -> ProbeResult:
     """Train every (head, loss) probe on cached maps; see :func:`probe` for the arguments."""
     head_names = _as_list(heads, "heads", HEAD_NAMES)
@@ -180,7 +182,8 @@ def probe_maps(train: SpatialMaps, eval: SpatialMaps | None = None, heads: str |
 
 def probe(model: nn.Module, loader: Iterable | SpatialMaps, eval_loader: Iterable | SpatialMaps | None = None,
           heads: str | Sequence[str] = HEAD_NAMES, losses: str | Sequence[str] = LOSS_NAMES, *, epochs: int = 10,
-          lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048, num_classes: int | None = None,
+          lr: float | Mapping[str, float] = 1e-3, batch_size: int = 256, hidden: int = 2048,
+          num_classes: int | None = None,
           seed: int = 0, device: str | torch.device = "cpu", cache_dir: str | None = None,
           progress: bool = False) -> ProbeResult:
     """Train a set of probes at once on one frozen backbone and report each one's accuracy.
@@ -196,7 +199,8 @@ def probe(model: nn.Module, loader: Iterable | SpatialMaps, eval_loader: Iterabl
         heads: names from ``linear, mlp2, mlp3, bcos1, bcos2, bcos3`` (list or comma-separated string).
         losses: ``ce`` and/or ``bce`` (BCE targets clamp(one_hot, 1/C)).
         epochs, lr, batch_size: the training recipe; ``lr`` may be a mapping ``{head name: lr}`` (key
-            ``"default"`` for the rest), e.g. a larger rate for the linear head; hidden: width of MLP/B-cos hidden layers (2048).
+            ``"default"`` for the rest), e.g. a larger rate for the linear head.
+        hidden: width of the MLP/B-cos hidden layers (2048, as the paper).
         num_classes: C (default: max train label + 1). seed: head init and shuffling.
 
     Returns:
