@@ -1,6 +1,6 @@
 """Small-scale How-to-Probe comparison: GridPG per (probe, loss, method) and accuracy on Fashion-MNIST grids.
 
-    python bench/probe_comparison.py            # ~10 min on 2 busy CPU cores; same as `iis-fast probe`
+    python bench/probe_comparison.py            # ~5-10 min on 2 busy CPU cores; same as `iis-fast probe`
     python bench/probe_comparison.py --quick    # ~2 min smoke version
 
 Writes bench/results/probe_comparison.{json,md,png}. Sizes (defaults): ImageNet MobileNetV2 (installed
