@@ -1,6 +1,7 @@
 """`score_features`: IIS from precomputed features and a concept matrix (SPEC §1.3-1.6). The engine's core."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 from typing import Any
@@ -195,6 +196,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     net, model_name = _resolve_model(model, checkpoint)
     net = net.to(cfg.device).eval()
     pre = _preprocessing(net, image_mean, image_std, image_size)
+    owned_loaders = isinstance(loader, (str, os.PathLike)) or isinstance(eval_loader, (str, os.PathLike))
     loader = _as_loader(loader, pre, cfg)
     eval_loader = _as_loader(eval_loader, pre, cfg)
     from .features import FeatureCache, data_fingerprint, extract, model_fingerprint, representation_fn
@@ -239,6 +241,11 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     t0 = time.perf_counter()
     concepts = _concept_library(cfg, cache, train_key, train, embed, pre, np.asarray(x_all)[tr_idx],
                                 np.asarray(y_all)[tr_idx], concept_vectors)
+    if owned_loaders:
+        # FFCV loaders hold numba objects whose finalizers, if the cyclic GC runs them inside compile()/ast.parse,
+        # break CPython 3.11's parser ("AST constructor recursion depth mismatch"): release them here, now.
+        del loader, eval_loader, owned_loaders
+        gc.collect()
     timings["concepts"] = time.perf_counter() - t0
     opts = cfg.to_dict()
     return score_features(np.asarray(x_all)[tr_idx], np.asarray(y_all)[tr_idx], np.asarray(ev_x), np.asarray(ev_y),
