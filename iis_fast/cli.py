@@ -14,27 +14,39 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _add_score_options(p: argparse.ArgumentParser) -> None:
+def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False,
+                      extract_batch_size: int = 64) -> None:
+    """The IIS options every scoring command shares (`score`, `demo`, `sweep`). Progress is each command's own."""
     g = p.add_argument_group("IIS options (defaults follow SPEC.md §1)")
-    g.add_argument("--library", default="prototype", choices=["prototype", "cluster", "end2end"],
-                   help="concept library type (default: prototype, an even per-class pick of concept elements)")
+    if multi_library:
+        g.add_argument("--library", default="prototype",
+                       help="concept library type(s), comma-separated for several rows per checkpoint: "
+                            "prototype, cluster, end2end (default: prototype)")
+    else:
+        g.add_argument("--library", default="prototype", choices=["prototype", "cluster", "end2end"],
+                       help="concept library type (default: prototype, an even per-class pick of concept elements)")
     g.add_argument("--num-concepts", type=int, default=200, help="M, the number of concepts (default 200)")
     g.add_argument("--sparsities", type=_floats, default=None, help="comma-separated sparsity grid "
                    "(default 0,0.1,0.3,0.5,0.7,0.9,0.95,0.98)")
     g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates (default 1e-3,1e-2,1e-1)")
     g.add_argument("--epochs", type=int, default=30, help="epochs per head (default 30)")
+    g.add_argument("--images-per-class", type=int, default=10, help="concept-source images per class (default 10)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch", "reference"],
                    help="how the heads are trained; auto = the fastest one available (default)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--cache-dir", default=None, help="feature cache directory (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--extract-batch-size", type=int, default=extract_batch_size,
+                   help=f"backbone batch size (default {extract_batch_size})")
+    g.add_argument("--cache-dir", default=None,
+                   help="feature cache directory (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
 
 
 def score_options(args: argparse.Namespace) -> dict:
-    """IISConfig options from parsed arguments (only those the user can set here)."""
-    opts = dict(library=args.library, num_concepts=args.num_concepts, epochs=args.epochs, seed=args.seed,
-                backend=args.backend, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress)
+    """IISConfig options from arguments added by :func:`add_score_options` (a comma list of libraries is a list)."""
+    libs = [v.strip() for v in args.library.split(",") if v.strip()]
+    opts = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=args.num_concepts, epochs=args.epochs,
+                images_per_class=args.images_per_class, seed=args.seed, backend=args.backend, device=args.device,
+                extract_batch_size=args.extract_batch_size, cache_dir=args.cache_dir)
     if args.sparsities:
         opts["sparsities"] = args.sparsities
     if args.lrs:
@@ -45,7 +57,7 @@ def score_options(args: argparse.Namespace) -> dict:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
     rows = run_demo(models=args.models, n_train=args.n_train, n_eval=args.n_eval, image_size=args.image_size,
-                    **score_options(args))
+                    progress=not args.no_progress, **score_options(args))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -56,7 +68,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from .score import score
     r = score(args.model, args.data, eval_loader=args.eval_data, checkpoint=args.checkpoint, layer=args.layer,
-              image_size=args.image_size, **score_options(args))
+              image_size=args.image_size, progress=not args.no_progress, **score_options(args))
     print(r)
     if args.json:
         with open(args.json, "w") as f:
@@ -88,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-eval", type=int, default=1000, help="eval images (stratified, TEST split)")
     d.add_argument("--image-size", type=int, default=128, help="input resolution (default 128 to fit 2 CPU cores)")
     d.add_argument("--json", help="also write the results as JSON here")
-    _add_score_options(d)
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_score_options(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("score", help="IIS of one model on a dataset (.beton file)",
@@ -101,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", help="submodule whose pooled output is the representation (default: pre-logits)")
     s.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     s.add_argument("--json", help="write the full result as JSON here")
-    _add_score_options(s)
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_score_options(s)
     s.set_defaults(func=cmd_score)
 
     b = sub.add_parser("backends", help="list the training backends and which one 'auto' picks")
@@ -127,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "sparsities", None) or getattr(args, "lrs", None):
             from .config import IISConfig
-            IISConfig.from_options(**score_options(args))       # reject bad options before any long work
+            opts = score_options(args)
+            for lib in (opts["library"] if isinstance(opts["library"], list) else [opts["library"]]):
+                IISConfig.from_options(**{**opts, "library": lib})   # reject bad options before any long work
         return int(args.func(args) or 0)
     except IISInputError as e:
         parser.exit(2, f"iis-fast: error: {e}\n")

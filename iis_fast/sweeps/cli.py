@@ -6,44 +6,9 @@ import json
 import sys
 from typing import Any
 
+from ..cli import add_score_options, score_options
+
 __all__ = ["register"]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _add_iis_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("IIS options (defaults follow SPEC.md §1)")
-    g.add_argument("--library", default="prototype",
-                   help="concept library type(s), comma-separated for several rows per checkpoint: "
-                        "prototype, cluster, end2end (default: prototype)")
-    g.add_argument("--num-concepts", type=int, default=200, help="M, concepts per library (default 200)")
-    g.add_argument("--sparsities", type=_floats, default=None,
-                   help="comma-separated sparsity grid (default 0,0.1,0.3,0.5,0.7,0.9,0.95,0.98)")
-    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates (default 1e-3,1e-2,1e-1)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs per head (default 30)")
-    g.add_argument("--images-per-class", type=int, default=10, help="concept-source images per class (default 10)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--backend", default="auto", help="head-training backend (default auto: fastest available)")
-    g.add_argument("--device", default="cpu", help="torch device of each worker (cpu, cuda)")
-    g.add_argument("--extract-batch-size", type=int, default=256, help="backbone batch size (default 256)")
-    g.add_argument("--cache-dir", default=None,
-                   help="feature / prepared-data cache (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
-
-
-def _score_options(a: argparse.Namespace) -> dict[str, Any]:
-    libs = [v.strip() for v in a.library.split(",") if v.strip()]
-    opts: dict[str, Any] = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=a.num_concepts,
-                                epochs=a.epochs, images_per_class=a.images_per_class, seed=a.seed,
-                                backend=a.backend, device=a.device, extract_batch_size=a.extract_batch_size)
-    if a.cache_dir:
-        opts["cache_dir"] = a.cache_dir
-    if a.sparsities:
-        opts["sparsities"] = a.sparsities
-    if a.lrs:
-        opts["lrs"] = a.lrs
-    return opts
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
@@ -61,7 +26,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             ex_opts["parameters"] = json.loads(a.slurm)
     df = sweep(a.checkpoints, a.data, arch=a.arch, out=a.out, executor=a.executor, workers=a.workers,
                retry_failed=a.retry_failed, eval_data=a.eval_data, chunk_size=a.chunk_size, threads=a.threads,
-               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **_score_options(a))
+               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **score_options(a))
     ok = df[df["status"] == "ok"] if not df.empty else df
     print(f"{len(ok)} ok / {len(df)} rows in {a.out}")
     with ResultStore(a.out) as store:
@@ -127,7 +92,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--slurm", help='JSON of submitit parameters, e.g. \'{"slurm_partition": "gpu", "timeout_min": 120}\'')
     s.add_argument("--export", action="append", help="also export the table to this .csv or .parquet (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _add_iis_options(s)
+    add_score_options(s, multi_library=True, extract_batch_size=256)
     s.set_defaults(func=cmd_sweep)
 
     r = subparsers.add_parser(
