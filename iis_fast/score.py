@@ -14,7 +14,7 @@ from .errors import IISInputError
 from .heads.common import GridSpec, best_epoch_choice
 from .ops import get_trainer
 from .result import IISResult, iis_from_curve
-from .validation import as_concepts, as_features, as_labels, check_classes
+from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int, protect: np.ndarray | None = None
@@ -238,17 +238,17 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
         ev_x, ev_y = x_all[ev_idx], y_all[ev_idx]
         eval_split = f"holdout({cfg.eval_fraction:g} of loader, stratified, seed {cfg.seed})"
 
+    train_x, train_y = np.asarray(x_all)[tr_idx], np.asarray(y_all)[tr_idx]
     t0 = time.perf_counter()
-    concepts = _concept_library(cfg, cache, train_key, train, embed, pre, np.asarray(x_all)[tr_idx],
-                                np.asarray(y_all)[tr_idx], concept_vectors)
+    concepts = _concept_library(cfg, cache, train_key, train, embed, pre, train_x, train_y, concept_vectors)
+    timings["concepts"] = time.perf_counter() - t0
     if owned_loaders:
         # FFCV loaders hold numba objects whose finalizers, if the cyclic GC runs them inside compile()/ast.parse,
         # break CPython 3.11's parser ("AST constructor recursion depth mismatch"): release them here, now.
         del loader, eval_loader, owned_loaders
         gc.collect()
-    timings["concepts"] = time.perf_counter() - t0
     opts = cfg.to_dict()
-    return score_features(np.asarray(x_all)[tr_idx], np.asarray(y_all)[tr_idx], np.asarray(ev_x), np.asarray(ev_y),
+    return score_features(train_x, train_y, np.asarray(ev_x), np.asarray(ev_y),
                           concepts, _timings=timings,
                           _meta={"library": cfg.library, "eval_split": eval_split, "model": model_name}, **opts)
 
@@ -270,17 +270,17 @@ def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str
     if hit is None:
         mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
         std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
-        images01 = (torch.from_numpy(np.array(train["src_images"])) * std + mean).clamp(0, 1)
+        images01 = (tensor_from_numpy(train["src_images"]) * std + mean).clamp(0, 1)
         if images01.shape[1] == 1:
             images01 = images01.expand(-1, 3, -1, -1)
         feats, labels = embed_concept_elements(
-            embed, images01, torch.from_numpy(np.array(train["src_labels"])), out_size=tuple(pre["input_size"][1:]),
+            embed, images01, tensor_from_numpy(train["src_labels"]), out_size=tuple(pre["input_size"][1:]),
             mean=pre["mean"], std=pre["std"], kinds=cfg.elements, batch_size=cfg.extract_batch_size,
             device=cfg.device, progress=cfg.progress, n_jobs=-1, chunk_images=32)
         cache.put(key, {"feats": feats.numpy(), "labels": labels.numpy()}, {"kind": "elements"})
         hit = cache.get(key)
-    feats = torch.from_numpy(np.array(hit["feats"]))
-    labels = torch.from_numpy(np.array(hit["labels"]))
+    feats = tensor_from_numpy(hit["feats"])
+    labels = tensor_from_numpy(hit["labels"])
     opts: dict[str, Any] = {}
     if cfg.library == "prototype":
         opts["selection"] = cfg.prototype_selection

@@ -9,7 +9,7 @@ import torch
 from .errors import IISInputError
 
 
-def _from_numpy(a: np.ndarray) -> torch.Tensor:
+def tensor_from_numpy(a: Any) -> torch.Tensor:
     """Zero-copy where numpy allows it; read-only arrays (memory-mapped cache entries) are copied once."""
     a = np.ascontiguousarray(a)
     return torch.from_numpy(a if a.flags.writeable else a.copy())
@@ -18,7 +18,7 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
 def as_features(x: Any, name: str) -> torch.Tensor:
     """A 2-D finite float tensor [N, D] (numpy arrays and memmaps accepted)."""
     if isinstance(x, np.ndarray):
-        x = _from_numpy(x)
+        x = tensor_from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise IISInputError(f"{name} must be a torch.Tensor or numpy array of shape [N, D], got {type(x).__name__}")
     if x.dim() != 2:
@@ -38,7 +38,7 @@ def as_features(x: Any, name: str) -> torch.Tensor:
 def as_labels(y: Any, n: int, name: str, num_classes: int | None = None) -> torch.Tensor:
     """A 1-D int64 label tensor of length n with values in [0, num_classes)."""
     if isinstance(y, np.ndarray):
-        y = _from_numpy(y)
+        y = tensor_from_numpy(y)
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(y)
     if y.dim() != 1 or y.shape[0] != n:
@@ -72,7 +72,7 @@ def check_classes(train_y: torch.Tensor, eval_y: torch.Tensor, num_classes: int,
 
 def as_concepts(c: Any, dim: int) -> torch.Tensor:
     if isinstance(c, np.ndarray):
-        c = _from_numpy(c)
+        c = tensor_from_numpy(c)
     if not isinstance(c, torch.Tensor) or c.dim() != 2:
         raise IISInputError(f"concepts must be a 2-D [M, D] tensor, got {getattr(c, 'shape', type(c).__name__)}")
     if c.shape[1] != dim:
