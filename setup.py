@@ -40,7 +40,7 @@ if os.environ.get("IIS_FAST_NO_EXT", "") not in ("1", "true", "yes"):
         Pybind11Extension(
             "iis_fast._C",
             ["csrc/grid.cpp"],
-            depends=["csrc/gemm.h"],
+            depends=["csrc/gemm.h", "csrc/narrow.h"],
             cxx_std=17,
         )
     ]

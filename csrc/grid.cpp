@@ -13,6 +13,7 @@
 #include <string>
 
 #include "gemm.h"
+#include "narrow.h"
 
 namespace py = pybind11;
 using namespace iis;
@@ -251,6 +252,7 @@ class Grid {
   int mode = -1;            // -1: choose per head from k; 0: all sparse; 1: all dense
   double dense_frac = 0.5;  // dense GEMM when kept entries >= dense_frac * M
   int row_block = 256;
+  bool narrow = true;       // K <= 16 with AVX2: the register-resident row kernels of narrow.h
 
   Grid(py::dict params, py::dict moments, py::array ks_, py::array lr_probe_, py::array lr_head_) {
     py::array wp_a = params["wp"], w_a = params["w"];
@@ -361,12 +363,28 @@ class Grid {
   std::vector<py::array> keep_;
   std::vector<GemmWs> gws_;
   std::vector<HeadWs> hws_;
+#if IIS_AVX2
+  std::vector<narrow::Ws> nws_;
+#endif
   Buf plog_, pdw_, pdb_;
+  Buf ab_;                     // narrow heads: the batch's ahat rows, gathered once per step for every head
+  std::vector<int64_t> yb_;
 
   void ensure_ws() {
     size_t nt = (size_t)std::max(1, max_threads());
     if (gws_.size() < nt) gws_.resize(nt);
     if (hws_.size() < nt) hws_.resize(nt);
+#if IIS_AVX2
+    if (nws_.size() < nt) nws_.resize(nt);
+#endif
+  }
+
+  bool use_narrow() const {
+#if IIS_AVX2
+    return narrow && K <= narrow::KMAX;
+#else
+    return false;
+#endif
   }
 
   std::vector<int64_t> head_order() const {
@@ -446,7 +464,15 @@ class Grid {
   }
 
   void head_train(int64_t h, const float* ahat, const int64_t* idx, const int64_t* y, int64_t nb, float scale,
-                  float step_size, float bc2s, HeadWs& ws, GemmWs& gw, DebugOut* dbg) {
+                  float step_size, float bc2s, int tid, DebugOut* dbg) {
+    if (use_narrow()) {
+#if IIS_AVX2
+      narrow_train(h, nb, scale, step_size, bc2s, nws_[tid], hws_[tid], dbg);
+#endif
+      return;
+    }
+    HeadWs& ws = hws_[tid];
+    GemmWs& gw = gws_[tid];
     const bool dense = head_dense(h);
     const float* W = w + h * M * K;
     const int Ki = (int)K, Mi = (int)M;
@@ -519,11 +545,42 @@ class Grid {
       std::memcpy(dbg->dbeta + h * M, dbe, sizeof(float) * M);
       dbg->loss_head[h] = (float)(loss / (double)nb);
     }
+    head_adam(h, dW, db, dg, dbe, step_size, bc2s);
+  }
+
+  void head_adam(int64_t h, const float* dW, const float* db, const float* dg, const float* dbe, float step_size,
+                 float bc2s) {
     adam_update(w + h * M * K, mw + h * M * K, vw + h * M * K, dW, M * K, step_size, bc2s);
     adam_update(b + h * K, mb + h * K, vb + h * K, db, K, step_size, bc2s);
     adam_update(gam + h * M, mg + h * M, vg + h * M, dg, M, step_size, bc2s);
     adam_update(bet + h * M, mbe + h * M, vbe + h * M, dbe, M, step_size, bc2s);
   }
+
+#if IIS_AVX2
+  narrow::Head narrow_head(int64_t h) const {
+    return narrow::Head{w + h * M * K, b + h * K, gam + h * M, bet + h * M, (int)M, (int)ks[h] + 1, head_dense(h),
+                        row_block};
+  }
+
+  // head h on the batch gathered into ab_ / yb_ by step_impl
+  void narrow_train(int64_t h, int64_t nb, float scale, float step_size, float bc2s, narrow::Ws& nw, HeadWs& ws,
+                    DebugOut* dbg) {
+    narrow::Grads gr{ws.dW.get(M * K), ws.db.get(K), ws.dg.get(M), ws.dbe.get(M)};
+    if (dbg) {
+      gr.dbg_logits = dbg->head_logits + h * nb * K;
+      gr.dbg_kept = dbg->kept + h * nb;
+    }
+    double loss = narrow::train_fn((int)K)(narrow_head(h), ab_.p, yb_.data(), nb, scale, nw, gr);
+    if (dbg) {
+      std::memcpy(dbg->dw + h * M * K, gr.dW, sizeof(float) * M * K);
+      std::memcpy(dbg->db + h * K, gr.db, sizeof(float) * K);
+      std::memcpy(dbg->dgamma + h * M, gr.dg, sizeof(float) * M);
+      std::memcpy(dbg->dbeta + h * M, gr.dbe, sizeof(float) * M);
+      dbg->loss_head[h] = (float)(loss / (double)nb);
+    }
+    head_adam(h, gr.dW, gr.db, gr.dg, gr.dbe, step_size, bc2s);
+  }
+#endif
 
   void step_impl(const float* x, const float* ahat, const int64_t* y, const int64_t* idx, int64_t nb,
                  double lr_scale, DebugOut* dbg) {
@@ -543,12 +600,26 @@ class Grid {
     float* dbp = L > 0 ? pdb_.get(LK) : nullptr;
     float* dwp = L > 0 ? pdw_.get(D * LK) : nullptr;
     std::vector<int64_t> order = head_order();
+    const bool gather = use_narrow() && H > 0;
+    if (gather) {
+      ab_.get((size_t)nb * M);
+      yb_.resize(nb);
+    }
 #pragma omp parallel num_threads(nt)
     {
       int tid = thread_id(), T = 1;
 #ifdef _OPENMP
       T = omp_get_num_threads();
 #endif
+      if (gather) {  // rows read by every head: one contiguous copy (random rows of a large ahat miss in cache)
+        for (int64_t i = nb * tid / T; i < nb * (tid + 1) / T; ++i) {
+          std::memcpy(ab_.p + i * M, ahat + idx[i] * M, sizeof(float) * M);
+          yb_[i] = y[idx[i]];
+        }
+        if (L == 0) {
+#pragma omp barrier
+        }
+      }
       if (L > 0) {
         int64_t rp = (nb + MR - 1) / MR;
         int64_t i0 = std::min(nb, rp * tid / T * MR), i1 = std::min(nb, rp * (tid + 1) / T * MR);
@@ -563,23 +634,37 @@ class Grid {
               lossp[tid * L + l] += softmax_ce_row(P + i * LK + l * K, bp + l * K, (int)K, y[idx[i]], scale);
         }
 #pragma omp barrier
-        int64_t cp = (LK + NR - 1) / NR;
-        int64_t c0 = std::min(LK, cp * tid / T * NR), c1 = std::min(LK, cp * (tid + 1) / T * NR);
-        if (c1 > c0) {
-          for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.f;
-          for (int64_t i = 0; i < nb; ++i) add_row(dbp + c0, P + i * LK + c0, (int)(c1 - c0));
-          gemm_serial(D, c1 - c0, nb, Mat{x, 1, D, nullptr, idx}, Mat{P + c0, LK, 1}, dwp + c0, LK, false,
-                      gws_[tid]);
-          if (dbg) {
-            for (int64_t d = 0; d < D; ++d)
+        // dwp = x[idx]^T G split in rectangles: by rows of D when the probes are narrow (each thread then packs
+        // only its half of x[idx]^T, the large operand), else by columns (each thread packs only its half of G)
+        const bool split_rows = LK < D;
+        int64_t d0 = 0, d1 = D, c0 = 0, c1 = LK;
+        if (split_rows) {
+          int64_t rp = (D + MR - 1) / MR;
+          d0 = std::min(D, rp * tid / T * MR), d1 = std::min(D, rp * (tid + 1) / T * MR);
+        } else {
+          int64_t cp = (LK + NR - 1) / NR;
+          c0 = std::min(LK, cp * tid / T * NR), c1 = std::min(LK, cp * (tid + 1) / T * NR);
+        }
+        if (d1 > d0 && c1 > c0) {
+          gemm_serial(d1 - d0, c1 - c0, nb, Mat{x + d0, 1, D, nullptr, idx}, Mat{P + c0, LK, 1},
+                      dwp + d0 * LK + c0, LK, false, gws_[tid]);
+          if (dbg)
+            for (int64_t d = d0; d < d1; ++d)
               std::memcpy(dbg->dwp + d * LK + c0, dwp + d * LK + c0, sizeof(float) * (c1 - c0));
-            std::memcpy(dbg->dbp + c0, dbp + c0, sizeof(float) * (c1 - c0));
-          }
           for (int64_t s0 = c0; s0 < c1;) {  // segments of one probe (one lr) each
             int64_t l = s0 / K, s1 = std::min(c1, (l + 1) * K);
-            for (int64_t d = 0; d < D; ++d)
+            for (int64_t d = d0; d < d1; ++d)
               adam_update(wp + d * LK + s0, mwp + d * LK + s0, vwp + d * LK + s0, dwp + d * LK + s0, s1 - s0,
                           ssp[l], bc2s);
+            s0 = s1;
+          }
+        }
+        if (split_rows ? tid == 0 : c1 > c0) {  // the bias of columns c0..c1
+          for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.f;
+          for (int64_t i = 0; i < nb; ++i) add_row(dbp + c0, P + i * LK + c0, (int)(c1 - c0));
+          if (dbg) std::memcpy(dbg->dbp + c0, dbp + c0, sizeof(float) * (c1 - c0));
+          for (int64_t s0 = c0; s0 < c1;) {
+            int64_t l = s0 / K, s1 = std::min(c1, (l + 1) * K);
             adam_update(bp + s0, mbp + s0, vbp + s0, dbp + s0, s1 - s0, ssp[l], bc2s);
             s0 = s1;
           }
@@ -589,7 +674,7 @@ class Grid {
       for (int64_t oi = 0; oi < H; ++oi) {
         int64_t h = order[oi];
         float ss = (float)(lr_head[h] * lr_scale / bc1);
-        head_train(h, ahat, idx, y, nb, scale, ss, bc2s, hws_[tid], gws_[tid], dbg);
+        head_train(h, ahat, idx, y, nb, scale, ss, bc2s, tid, dbg);
       }
     }
     if (dbg)
@@ -625,6 +710,12 @@ class Grid {
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t oi = 0; oi < H; ++oi) {
         int64_t h = order[oi];
+#if IIS_AVX2
+        if (use_narrow()) {
+          ch[h] = narrow::eval_fn((int)K)(narrow_head(h), ahat, y, N, nws_[tid]);
+          continue;
+        }
+#endif
         HeadWs& ws = hws_[tid];
         bool dense = head_dense(h);
         int64_t c = 0;
@@ -725,6 +816,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("t", &Grid::t)
       .def_readwrite("mode", &Grid::mode)
       .def_readwrite("dense_frac", &Grid::dense_frac)
+      .def_readwrite("narrow", &Grid::narrow, "K <= 16: use the register-resident narrow-head kernels (narrow.h)")
       .def_property(
           "row_block", [](const Grid& g) { return g.row_block; },
           [](Grid& g, int v) {
