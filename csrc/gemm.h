@@ -92,6 +92,16 @@ inline void pack_a(const Mat& A, int64_t i0, int64_t p0, int mc, int kc, float* 
         }
       }
     } else if (A.rs == 1 && !A.ridx) {
+#if IIS_AVX2
+      if (mr == MR) {  // MR consecutive floats per p: one masked load, one 8-wide store (the 2 extra lanes are
+                       // overwritten by the next p; the last lands in the 8 floats of slack after the buffer)
+        const __m256i m6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        static_assert(MR == 6, "the masked pack assumes MR == 6");
+        for (int p = 0; p < kc; ++p)
+          _mm256_storeu_ps(d + p * MR, _mm256_maskload_ps(A.base + A.coff(p0 + p) + i0 + ir, m6));
+        continue;
+      }
+#endif
       for (int p = 0; p < kc; ++p) {
         const float* s = A.base + A.coff(p0 + p) + i0 + ir;
         int r = 0;
@@ -209,7 +219,7 @@ inline void gemm_serial(int64_t m, int64_t n, int64_t k, const Mat& A, const Mat
   int mc_max = (int)std::min<int64_t>(MC_MAX, ((m + MR - 1) / MR) * MR);
   int nc_max = (int)std::min<int64_t>(NC, ((n + NR - 1) / NR) * NR);
   int kc_max = (int)std::min<int64_t>(KC, k);
-  float* Ap = ws.a.get((size_t)mc_max * kc_max);
+  float* Ap = ws.a.get((size_t)mc_max * kc_max + 8);  // + slack for pack_a's 8-wide stores
   float* Bp = ws.b.get((size_t)nc_max * kc_max);
   for (int64_t jc = 0; jc < n; jc += NC) {
     int nc = (int)std::min<int64_t>(NC, n - jc);

@@ -367,6 +367,7 @@ class Grid {
   std::vector<narrow::Ws> nws_;
 #endif
   Buf plog_, pdw_, pdb_;
+  Buf xb_;                     // the batch's feature rows x[idx], contiguous
   Buf ab_;                     // narrow heads: the batch's ahat rows, gathered once per step for every head
   std::vector<int64_t> yb_;
 
@@ -599,6 +600,7 @@ class Grid {
     float* P = L > 0 ? plog_.get(nb * LK) : nullptr;
     float* dbp = L > 0 ? pdb_.get(LK) : nullptr;
     float* dwp = L > 0 ? pdw_.get(D * LK) : nullptr;
+    float* xb = L > 0 ? xb_.get((size_t)nb * D) : nullptr;
     std::vector<int64_t> order = head_order();
     const bool gather = use_narrow() && H > 0;
     if (gather) {
@@ -623,9 +625,10 @@ class Grid {
       if (L > 0) {
         int64_t rp = (nb + MR - 1) / MR;
         int64_t i0 = std::min(nb, rp * tid / T * MR), i1 = std::min(nb, rp * (tid + 1) / T * MR);
+        // x[idx] gathered once into contiguous rows: read by the forward here and, transposed, by dwp below
+        for (int64_t i = i0; i < i1; ++i) std::memcpy(xb + i * D, x + idx[i] * D, sizeof(float) * D);
         if (i1 > i0) {
-          gemm_serial(i1 - i0, LK, D, Mat{x, D, 1, idx + i0, nullptr}, Mat{wp, LK, 1}, P + i0 * LK, LK, false,
-                      gws_[tid]);
+          gemm_serial(i1 - i0, LK, D, Mat{xb + i0 * D, D, 1}, Mat{wp, LK, 1}, P + i0 * LK, LK, false, gws_[tid]);
           if (dbg)
             for (int64_t i = i0; i < i1; ++i)
               for (int64_t c = 0; c < LK; ++c) dbg->probe_logits[i * LK + c] = P[i * LK + c] + bp[c];
@@ -646,7 +649,7 @@ class Grid {
           c0 = std::min(LK, cp * tid / T * NR), c1 = std::min(LK, cp * (tid + 1) / T * NR);
         }
         if (d1 > d0 && c1 > c0) {
-          gemm_serial(d1 - d0, c1 - c0, nb, Mat{x + d0, 1, D, nullptr, idx}, Mat{P + c0, LK, 1},
+          gemm_serial(d1 - d0, c1 - c0, nb, Mat{xb + d0, 1, D}, Mat{P + c0, LK, 1},
                       dwp + d0 * LK + c0, LK, false, gws_[tid]);
           if (dbg)
             for (int64_t d = d0; d < d1; ++d)
