@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import ADAM_BETAS, ADAM_EPS, LN_EPS, GridOutput, GridSpec, epoch_orders, init_linear
+from .common import ADAM_BETAS, ADAM_EPS, LN_EPS, GridOutput, GridSpec, init_linear, train_epochs
 
 
 class GridParams:
@@ -102,24 +102,19 @@ def train_grid_torch(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[tor
     """Train the whole grid at once with autograd on stacked parameters."""
     device = x.device
     concepts = concepts.float().to(device)
-    n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
     params = GridParams(x.shape[1], concepts.shape[0], spec, device)
-    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
-    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
-    for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
-        lr_scale = spec.lr_decay ** epoch
-        order = order.to(device)
-        for i in range(0, len(x), spec.batch_size):
-            idx = order[i:i + spec.batch_size]
-            leaves = {n: t.detach().requires_grad_(True) for n, t in params.tensors().items()}
-            lp, lh = grid_logits(x[idx].float(), concepts, leaves, params.kidx)
-            loss = stacked_cross_entropy(lp, y[idx]) + stacked_cross_entropy(lh, y[idx])
-            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-            params.adam_step(grads, lr_scale)
-        for j, (ex, ey) in enumerate(eval_sets):
-            pa, ha = grid_accuracy(ex, ey, concepts, params)
-            probe_acc[j, :, epoch] = pa
-            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
-        if progress is not None:
-            progress.update(n_lr * (1 + n_s))
-    return GridOutput(probe_acc, head_acc, backend="torch")
+
+    def step(idx: torch.Tensor, lr_scale: float) -> None:
+        leaves = {n: t.detach().requires_grad_(True) for n, t in params.tensors().items()}
+        lp, lh = grid_logits(x[idx].float(), concepts, leaves, params.kidx)
+        loss = stacked_cross_entropy(lp, y[idx]) + stacked_cross_entropy(lh, y[idx])
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        params.adam_step(grads, lr_scale)
+
+    def evaluate(j: int):
+        ex, ey = eval_sets[j]
+        return grid_accuracy(ex, ey, concepts, params)
+
+    probe_acc, head_acc, timings = train_epochs(len(x), spec, len(eval_sets), step, evaluate, progress=progress,
+                                                prepare_order=lambda o: o.to(device))
+    return GridOutput(probe_acc, head_acc, backend="torch", timings=timings)

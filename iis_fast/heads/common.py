@@ -6,8 +6,9 @@ Backends differ only in how they compute; they share initialisation, batch order
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +68,53 @@ def epoch_orders(n: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(int(seed))
     for _ in range(epochs):
         yield torch.randperm(n, generator=g)
+
+
+def train_epochs(n: int, spec: GridSpec, n_sets: int, step: Callable[[Any, float], None],
+                 evaluate: Callable[[int], tuple[Any, Any]], *, progress=None,
+                 prepare_order: Callable[[torch.Tensor], Any] = lambda order: order,
+                 sync: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The epoch loop every batched backend shares (SPEC §1.5): shuffled batches, lr x lr_decay^epoch, then the
+    accuracy of every head on every evaluation set after each epoch.
+
+    Args:
+        n: training rows.
+        step: ``step(idx, lr_scale)`` trains every head of the grid on the rows ``idx`` (one batch).
+        evaluate: ``evaluate(j)`` returns (probe accuracies ``[n_lr]``, head accuracies ``[n_s * n_lr]``, sparsity
+            major) on evaluation set j.
+        progress: optional, ``progress.update(heads)`` after each epoch (a tqdm bar counting head-epochs).
+        prepare_order: applied once per epoch to the shuffled order before slicing batches (e.g. move it to the
+            device, or to numpy).
+        sync: called before reading the clock (``torch.cuda.synchronize`` on a GPU), so timings are honest.
+
+    Returns:
+        probe_acc ``[n_sets, n_lr, epochs]``, head_acc ``[n_sets, n_s, n_lr, epochs]`` and the seconds spent in
+        training steps and in evaluation (``{"train": ..., "eval": ...}``).
+    """
+    n_s, n_lr = len(spec.sparsities), len(spec.lrs)
+    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
+    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
+    t_train = t_eval = 0.0
+    for epoch, order in enumerate(epoch_orders(n, spec.epochs, spec.seed)):
+        lr_scale = spec.lr_decay ** epoch
+        t0 = time.perf_counter()
+        order = prepare_order(order)
+        for i in range(0, n, spec.batch_size):
+            step(order[i:i + spec.batch_size], lr_scale)
+        if sync is not None:
+            sync()
+        t1 = time.perf_counter()
+        for j in range(n_sets):
+            pa, ha = evaluate(j)
+            probe_acc[j, :, epoch] = np.asarray(pa)
+            head_acc[j, :, :, epoch] = np.asarray(ha).reshape(n_s, n_lr)
+        if sync is not None:
+            sync()
+        t_train += t1 - t0
+        t_eval += time.perf_counter() - t1
+        if progress is not None:
+            progress.update(n_lr * (1 + n_s))
+    return probe_acc, head_acc, {"train": t_train, "eval": t_eval}
 
 
 def sparse_mask(z: torch.Tensor, k: int) -> torch.Tensor:

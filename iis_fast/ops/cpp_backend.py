@@ -1,7 +1,7 @@
 """`backend="cpp"`: the whole grid trained by the fused C++ kernels of :mod:`iis_fast._C` (csrc/).
 
 Same semantics as :func:`iis_fast.heads.batched.train_grid_torch` — same initial parameters (built by
-:class:`GridParams`), same batch order (:func:`epoch_orders`), same Adam arithmetic and lr schedule — so the
+:class:`GridParams`), same batch order (:func:`~iis_fast.heads.common.train_epochs`), same Adam arithmetic and lr schedule — so the
 accuracies match up to float rounding (a different summation order can flip a rare argmax or a rare near-tie at
 the threshold). Differences in *how*:
 
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import IISInputError
 from ..heads.batched import GridParams
-from ..heads.common import GridOutput, GridSpec, epoch_orders
+from ..heads.common import GridOutput, GridSpec, train_epochs
 from . import register_backend
 
 try:
@@ -171,27 +171,17 @@ def train_grid_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch
     ahat_e = [project(ex, cs) for ex, _ in evals]
     t2 = time.perf_counter()
     g = CppGrid(d, cs.shape[0], spec)
-    n_sets, n_s, n_lr = len(evals), len(spec.sparsities), len(spec.lrs)
-    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
-    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
-    t_train = t_eval = 0.0
-    for epoch, order in enumerate(epoch_orders(n, spec.epochs, spec.seed)):
-        lr_scale = spec.lr_decay ** epoch
-        order = order.numpy()
-        ta = time.perf_counter()
-        for i in range(0, n, spec.batch_size):
-            g.grid.step(xs, ahat, ys, order[i:i + spec.batch_size], lr_scale, None)
-        tb = time.perf_counter()
-        for j, ((ex, ey), ae) in enumerate(zip(evals, ahat_e)):
-            pa, ha = g.evaluate(ex, ae, ey)
-            probe_acc[j, :, epoch] = pa
-            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
-        t_train += tb - ta
-        t_eval += time.perf_counter() - tb
-        if progress is not None:
-            progress.update(n_lr * (1 + n_s))
-    timings = {"prepare": t1 - t0, "project": t2 - t1, "train": t_train, "eval": t_eval,
-               "total": time.perf_counter() - t0}
+
+    def step(idx: np.ndarray, lr_scale: float) -> None:
+        g.grid.step(xs, ahat, ys, idx, lr_scale, None)
+
+    def evaluate(j: int):
+        (ex, ey), ae = evals[j], ahat_e[j]
+        return g.evaluate(ex, ae, ey)
+
+    probe_acc, head_acc, timings = train_epochs(n, spec, len(evals), step, evaluate, progress=progress,
+                                                prepare_order=lambda o: o.numpy())
+    timings.update(prepare=t1 - t0, project=t2 - t1, total=time.perf_counter() - t0)
     return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
 
 

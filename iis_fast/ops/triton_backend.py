@@ -1,7 +1,7 @@
 """`backend="triton"`: the grid's hot loop in fused Triton kernels (see docs/kernels_triton.md).
 
 Same semantics as the torch path (:func:`iis_fast.heads.batched.train_grid_torch`): the same `GridParams`
-initialisation, `epoch_orders` batch order, per-head Adam and lr schedule, so the two agree to float tolerance.
+initialisation, batch order (`train_epochs`), per-head Adam and lr schedule, so the two agree to float tolerance.
 Per step:
   probes  : logits = baddbmm(bp, x, wp) (cuBLAS) -> fused CE fwd+bwd in place (kernels.cross_entropy)
             -> dwp = xᵀ·dlogits, dbp = Σ dlogits (cuBLAS / torch)
@@ -23,7 +23,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..heads.batched import GridParams
-from ..heads.common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, epoch_orders
+from ..heads.common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, train_epochs
 from . import _load_builtin, register_backend
 
 EVAL_CHUNK = 4096
@@ -105,51 +105,40 @@ def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
     t_start = time.perf_counter()
     concepts = concepts.float().to(device).contiguous()
     y = y.to(device)
-    n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
+    n_s, n_lr = len(spec.sparsities), len(spec.lrs)
     n_h = n_s * n_lr
     params = GridParams(x.shape[1], concepts.shape[0], spec, device)
     flat = _FlatGrid(params, adam.FlatAdam)
     g = flat.grads
-    probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
-    head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
     scales = {}
-    t_train = t_eval = 0.0
-    for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
-        t0 = time.perf_counter()
-        lr_scale = spec.lr_decay ** epoch
-        order = order.to(device)
-        for i in range(0, len(x), spec.batch_size):
-            idx = order[i:i + spec.batch_size]
-            xb, yb = x[idx], y[idx]
-            b = len(idx)
-            xf = xb.float()
-            # standard probes: cuBLAS GEMMs around the fused cross-entropy
-            lp = torch.baddbmm(params.bp[:, None, :], xf.expand(n_lr, b, xf.shape[1]), params.wp)
-            cross_entropy.cross_entropy_fwd_bwd_(lp, yb, 1.0 / b)
-            torch.bmm(xf.t().expand(n_lr, xf.shape[1], b), lp, out=g["wp"])
-            torch.sum(lp, dim=1, out=g["bp"])
-            # concept heads: shared projection, then every head forward and backward
-            ahat, _, _ = projection.projection_layernorm(xb, concepts)
-            _, lse, thr = sparse_head.head_forward(ahat, params.gamma, params.beta, params.w, params.b,
-                                                   params.kidx, yb)
-            if b not in scales:
-                scales[b] = torch.full((n_h,), 1.0 / b, device=device)
-            g["gamma"].zero_()
-            g["beta"].zero_()
-            sparse_head.head_backward(ahat, params.gamma, params.beta, params.w, params.b, yb, thr, lse, scales[b],
-                                      g["gamma"], g["beta"], g["w"], g["b"])
-            flat.opt.update(flat.lrs, lr_scale)
-        sync()
-        t1 = time.perf_counter()
-        for j, (ex, ey) in enumerate(eval_sets):
-            pa, ha = grid_accuracy_triton(ex, ey, concepts, params)
-            probe_acc[j, :, epoch] = pa
-            head_acc[j, :, :, epoch] = ha.reshape(n_s, n_lr)
-        t_train += t1 - t0
-        t_eval += time.perf_counter() - t1
-        if progress is not None:
-            progress.update(n_lr * (1 + n_s))
-    timings = {"train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t_start}
+
+    def step(idx: torch.Tensor, lr_scale: float) -> None:
+        xb, yb = x[idx], y[idx]
+        b = len(idx)
+        xf = xb.float()
+        # standard probes: cuBLAS GEMMs around the fused cross-entropy
+        lp = torch.baddbmm(params.bp[:, None, :], xf.expand(n_lr, b, xf.shape[1]), params.wp)
+        cross_entropy.cross_entropy_fwd_bwd_(lp, yb, 1.0 / b)
+        torch.bmm(xf.t().expand(n_lr, xf.shape[1], b), lp, out=g["wp"])
+        torch.sum(lp, dim=1, out=g["bp"])
+        # concept heads: shared projection, then every head forward and backward
+        ahat, _, _ = projection.projection_layernorm(xb, concepts)
+        _, lse, thr = sparse_head.head_forward(ahat, params.gamma, params.beta, params.w, params.b, params.kidx, yb)
+        if b not in scales:
+            scales[b] = torch.full((n_h,), 1.0 / b, device=device)
+        g["gamma"].zero_()
+        g["beta"].zero_()
+        sparse_head.head_backward(ahat, params.gamma, params.beta, params.w, params.b, yb, thr, lse, scales[b],
+                                  g["gamma"], g["beta"], g["w"], g["b"])
+        flat.opt.update(flat.lrs, lr_scale)
+
+    def evaluate(j: int):
+        ex, ey = eval_sets[j]
+        return grid_accuracy_triton(ex, ey, concepts, params)
+
+    probe_acc, head_acc, timings = train_epochs(len(x), spec, len(eval_sets), step, evaluate, progress=progress,
+                                                prepare_order=lambda o: o.to(device), sync=sync)
+    timings["total"] = time.perf_counter() - t_start
     return GridOutput(probe_acc, head_acc, backend="triton", timings=timings)
 
 
