@@ -146,25 +146,40 @@ def run(args) -> dict:
         if args.quick:
             n, n_eval = n // 10, n_eval // 10
         data = make_data(n, n_eval, k)
-        r = {"N": n, "N_eval": n_eval, "K": k, "D": D, "M": M, "batch": BATCH, "backends": {}}
+        r = {"N": n, "N_eval": n_eval, "K": k, "D": D, "M": M, "batch": BATCH, "repeats": args.repeats,
+             "backends": {}}
+        runnable = []
         for name in backends:
             if avail.get(name, "unknown backend") != "":
                 print(f"[{regime}] {name}: skipped ({avail.get(name, 'unknown backend')})", flush=True)
-                continue
-            epochs = args.ref_epochs if name == "reference" else args.epochs
-            try:
-                b = time_backend(name, data, k, epochs, threads)
-            except Exception as e:  # a backend failing must not lose the others' numbers
-                print(f"[{regime}] {name}: FAILED {type(e).__name__}: {e}", flush=True)
-                r["backends"][name] = {"error": f"{type(e).__name__}: {e}"}
-                continue
-            fl = needed_flops(n, n_eval, k, epochs)
-            b["gflops"] = fl["per_epoch"] / b["per_epoch_s"] / 1e9
-            b["pct_matmul"] = 100.0 * b["gflops"] / peak
-            r["backends"][name] = b
-            print(f"[{regime}] {name:9s} {b['per_epoch_s']:9.3f} s/epoch  (30 epochs extrapolated: "
-                  f"{b['extrapolated_30_epochs_s']:9.1f} s)  {b['gflops']:7.1f} GFLOP/s = {b['pct_matmul']:5.1f}% "
-                  f"of matmul  load {b['loadavg_1min'][0]:.1f}->{b['loadavg_1min'][1]:.1f}", flush=True)
+            else:
+                runnable.append(name)
+        # backends interleaved round-robin, best repeat kept: a shared VM's noise (steal time) hits every backend
+        # alike instead of whichever ran during a burst
+        for rep in range(args.repeats):
+            for name in runnable:
+                if "error" in r["backends"].get(name, {}):
+                    continue
+                epochs = args.ref_epochs if name == "reference" else args.epochs
+                try:
+                    b = time_backend(name, data, k, epochs, threads)
+                except Exception as e:  # a backend failing must not lose the others' numbers
+                    print(f"[{regime}] {name}: FAILED {type(e).__name__}: {e}", flush=True)
+                    r["backends"][name] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                fl = needed_flops(n, n_eval, k, epochs)
+                b["gflops"] = fl["per_epoch"] / b["per_epoch_s"] / 1e9
+                b["pct_matmul"] = 100.0 * b["gflops"] / peak
+                prev = r["backends"].get(name)
+                b["per_epoch_s_all"] = (prev["per_epoch_s_all"] if prev else []) + [b["per_epoch_s"]]
+                if prev is None or b["per_epoch_s"] < prev["per_epoch_s"]:
+                    r["backends"][name] = b
+                else:
+                    prev["per_epoch_s_all"] = b["per_epoch_s_all"]
+                print(f"[{regime}] {name:9s} {b['per_epoch_s']:9.3f} s/epoch  (30 epochs extrapolated: "
+                      f"{b['extrapolated_30_epochs_s']:9.1f} s)  {b['gflops']:7.1f} GFLOP/s = "
+                      f"{b['pct_matmul']:5.1f}% of matmul  load {b['loadavg_1min'][0]:.1f}->"
+                      f"{b['loadavg_1min'][1]:.1f}  (repeat {rep + 1}/{args.repeats})", flush=True)
         r["flops"] = needed_flops(n, n_eval, k, 30)
         ok = {nm: b for nm, b in r["backends"].items() if "error" not in b}
         if "cpp" in ok:
@@ -183,6 +198,8 @@ def markdown(res: dict) -> str:
              + (f" (iis_fast._C.matmul: {res['matmul_gflops']['iis_fast._C.matmul']:.1f})"
                 if "iis_fast._C.matmul" in res["matmul_gflops"] else "") + ".",
              "", f"Command: `{res['command']}`", "",
+             f"Each backend timed {max(r.get('repeats', 1) for r in res['regimes'].values())} time(s), "
+             "interleaved; the fastest repeat is shown.", "",
              "| regime | backend | epochs timed | s / epoch | 30 epochs (extrapolated) | needed GFLOP/s | % of matmul "
              "| time / cpp's | load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -207,6 +224,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="N/10 (smoke run; not the issue's regimes)")
     ap.add_argument("--regimes", default="small,large")
     ap.add_argument("--backends", default="reference,torch,cpp,triton")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every backend this many times, interleaved; the fastest repeat is reported")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/grid.json, grid_quick.json)")
     ap.add_argument("--md", default=str(ROOT / "docs" / "kernels_cpu.md"), help="Markdown file to update ('' = no)")
