@@ -276,7 +276,7 @@ def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str
         feats, labels = embed_concept_elements(
             embed, images01, tensor_from_numpy(train["src_labels"]), out_size=tuple(pre["input_size"][1:]),
             mean=pre["mean"], std=pre["std"], kinds=cfg.elements, batch_size=cfg.extract_batch_size,
-            device=cfg.device, progress=cfg.progress, n_jobs=-1, chunk_images=32)
+            device=cfg.device, progress=cfg.progress, n_jobs=-1, chunk_images=32, memo=True)
         cache.put(key, {"feats": feats.numpy(), "labels": labels.numpy()}, {"kind": "elements"})
         hit = cache.get(key)
     feats = tensor_from_numpy(hit["feats"])

@@ -185,6 +185,41 @@ def test_embed_elements_and_streaming_match():
     assert torch.equal(l3, lab)
 
 
+def test_element_memo_rebuilds_nothing_for_a_second_model_and_gives_identical_features(monkeypatch):
+    """Checkpoints of one run share their concept-source images: the element images (SLIC, crops) are built once
+    per process and only re-embedded by the next model; sets over the memo's byte budget stream as before."""
+    import iis_fast.concepts.elements as el_mod
+
+    el_mod.clear_element_memo()
+    built = []
+    real = el_mod._elements_of_kind
+    monkeypatch.setattr(el_mod, "_elements_of_kind", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    gen = torch.Generator().manual_seed(5)
+    imgs, labels = torch.rand(6, 3, 16, 16, generator=gen), [0, 1, 2, 0, 1, 2]
+    proj_a, proj_b = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    model_a = lambda b: b.mean(dim=(2, 3)) @ proj_a + 0.1  # noqa: E731  (two "checkpoints")
+    model_b = lambda b: b.mean(dim=(2, 3)) @ proj_b - 0.2  # noqa: E731
+    opts = dict(chunk_images=4, batch_size=5, progress=False, n_segments=(4, 8))
+    plain_b = embed_concept_elements(model_b, imgs, labels, 16, (0.5,) * 3, (0.25,) * 3, **opts)
+    n_plain = len(built)
+    fa = embed_concept_elements(model_a, imgs, labels, 16, (0.5,) * 3, (0.25,) * 3, memo=True, **opts)
+    assert len(built) == 2 * n_plain                              # first memo call builds (2 chunks x 2 kinds)
+    fb = embed_concept_elements(model_b, imgs, labels, 16, (0.5,) * 3, (0.25,) * 3, memo=True, **opts)
+    assert len(built) == 2 * n_plain                              # second model: nothing rebuilt
+    assert torch.equal(fb[0], plain_b[0]) and torch.equal(fb[1], plain_b[1])
+    assert not torch.equal(fa[0], fb[0])
+    other = imgs.clone()
+    other[0, 0, 0, 0] = 1.0 - other[0, 0, 0, 0]                   # another source image: another key
+    embed_concept_elements(model_b, other, labels, 16, (0.5,) * 3, (0.25,) * 3, memo=True, **opts)
+    assert len(built) == 3 * n_plain
+    monkeypatch.setattr(el_mod, "ELEMENT_MEMO_BYTES", 1)          # over budget: streamed, nothing kept
+    el_mod.clear_element_memo()
+    embed_concept_elements(model_b, imgs, labels, 16, (0.5,) * 3, (0.25,) * 3, memo=True, **opts)
+    embed_concept_elements(model_b, imgs, labels, 16, (0.5,) * 3, (0.25,) * 3, memo=True, **opts)
+    assert len(built) == 5 * n_plain and not el_mod._ELEMENT_MEMO
+    el_mod.clear_element_memo()
+
+
 # ----------------------------------------------------------------------------------------------- libraries
 def _toy_elements(n_classes: int = 4, per_class: int = 10, d: int = 8, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)

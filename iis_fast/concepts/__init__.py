@@ -9,6 +9,7 @@ from .elements import (
     ELEMENT_KINDS,
     GREY_117,
     concept_source_indices,
+    clear_element_memo,
     embed_concept_elements,
     embed_elements,
     make_elements,
@@ -37,7 +38,7 @@ __all__ = [
     "ELEMENT_KINDS", "GREY_117", "LIBRARY_KINDS", "End2EndResult",
     "concept_source_indices", "patch_elements", "patch_elements_with_sources", "select_segment_masks",
     "segment_crop", "slic_label_maps", "segment_elements", "segment_elements_with_sources", "make_elements",
-    "embed_elements", "embed_concept_elements",
+    "embed_elements", "embed_concept_elements", "clear_element_memo",
     "build_library", "prototype_library", "stratified_indices", "cluster_library", "end2end_library",
     "fit_text_projection", "cos_cubed_similarity", "text_library",
 ]

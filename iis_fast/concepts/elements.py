@@ -6,9 +6,15 @@ Images are float tensors in [0, 1] of shape [N, 3, H, W] (un-normalised). Elemen
 Element order is *kind-major*: all patches (image by image, row-major cells), then all segments (image by
 image, setting by setting, label order). :func:`embed_concept_elements` streams images in chunks and keeps the
 same order, so the result does not depend on the chunk size.
+
+Element images depend only on the source images and the geometry, never on the model, so a sweep that scores
+many checkpoints of one run would rebuild the same images (SLIC dominates) for each. ``embed_concept_elements(...,
+memo=True)`` keeps them in a small per-process memo (:data:`ELEMENT_MEMO_BYTES`) and only re-embeds them.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -262,6 +268,39 @@ def make_elements(images01: torch.Tensor, labels: Sequence[int] | np.ndarray | t
     return torch.cat(imgs), torch.cat(labs)
 
 
+# ----------------------------------------------------------------------------------------------- memo
+ELEMENT_MEMO_BYTES = 512 * 2**20   # element images kept per process (all keys together); larger sets stream
+_ELEMENT_MEMO: "OrderedDict[str, list]" = OrderedDict()
+
+
+def _memo_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], size: tuple[int, int], grid: int,
+              chunk_images: int, segment_opts: dict) -> str:
+    """Content hash of everything the element images depend on (n_jobs does not change them)."""
+    h = hashlib.sha1()
+    x = images01.detach().cpu().contiguous()
+    h.update(str((tuple(x.shape), str(x.dtype), kinds, size, grid, chunk_images,
+                  sorted((k, repr(v)) for k, v in segment_opts.items() if k != "n_jobs"))).encode())
+    h.update(x.numpy().tobytes())
+    h.update(np.ascontiguousarray(lab).tobytes())
+    return h.hexdigest()
+
+
+def _memo_put(key: str, chunks: list) -> None:
+    size = sum(el.numel() * el.element_size() for per_kind in chunks for el, _ in per_kind.values())
+    if size > ELEMENT_MEMO_BYTES:
+        return
+    _ELEMENT_MEMO[key] = chunks
+    total = lambda: sum(el.numel() * el.element_size() for ch in _ELEMENT_MEMO.values()  # noqa: E731
+                        for per_kind in ch for el, _ in per_kind.values())
+    while len(_ELEMENT_MEMO) > 1 and total() > ELEMENT_MEMO_BYTES:
+        _ELEMENT_MEMO.popitem(last=False)
+
+
+def clear_element_memo() -> None:
+    """Forget every memoised element image (frees the memory)."""
+    _ELEMENT_MEMO.clear()
+
+
 # ----------------------------------------------------------------------------------------------- embedding
 def _stats(v: Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
     t = torch.as_tensor(v, dtype=torch.float32).flatten()
@@ -341,7 +380,7 @@ def embed_concept_elements(embed_fn: EmbedFn,
                            std: Sequence[float] | torch.Tensor, kinds: Sequence[str] = ELEMENT_KINDS,
                            grid: int = 4, chunk_images: int = 8, batch_size: int = 64,
                            device: torch.device | str | None = None, progress: bool = True,
-                           **segment_opts) -> tuple[torch.Tensor, torch.Tensor]:
+                           memo: bool = False, **segment_opts) -> tuple[torch.Tensor, torch.Tensor]:
     """Make and embed every element of the concept-source images, streaming so memory stays small.
 
     ``images01`` is either a tensor [N, 3, H, W] with ``labels`` [N], or an iterable of
@@ -350,6 +389,10 @@ def embed_concept_elements(embed_fn: EmbedFn,
     ``chunk_images`` source images at a time, embedded with :func:`embed_elements` and dropped.
     Returns ``(element_feats [E, D] float32, L2-normalised rows; element_labels [E] long)`` in the same
     kind-major order as :func:`make_elements`.
+
+    ``memo=True`` (tensor input only): the element images are kept in a per-process memo keyed by the source
+    images' content and the geometry, so a second call (another checkpoint of the same run) only embeds. Sets
+    larger than :data:`ELEMENT_MEMO_BYTES` are streamed as without it. The result is identical either way.
     """
     kinds = _check_kinds(kinds)
     size = _check_out_size(out_size)
@@ -360,17 +403,37 @@ def embed_concept_elements(embed_fn: EmbedFn,
 
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     labs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    key = cached = None
+    if memo and isinstance(images01, torch.Tensor):
+        images01 = _check_images(images01)
+        lab_all = _as_label_array(labels)
+        key = _memo_key(images01, lab_all, kinds, size, int(grid), int(chunk_images), segment_opts)
+        cached = _ELEMENT_MEMO.get(key)
+        if cached is not None:
+            _ELEMENT_MEMO.move_to_end(key)
+    built: list | None = []             # per chunk: {kind: (element images, source index)}, for the memo
+    built_bytes = 0
     bar = tqdm(desc="concept elements", unit="img", disable=not progress)
     try:
-        for imgs, lab in _image_chunks(images01, labels, int(chunk_images)):
+        for c, (imgs, lab) in enumerate(_image_chunks(images01, labels, int(chunk_images))):
+            per_kind = cached[c] if cached is not None else {
+                kind: _elements_of_kind(kind, imgs, size, grid, segment_opts) for kind in kinds}
+            if key is not None and cached is None and built is not None:
+                built_bytes += sum(el.numel() * el.element_size() for el, _ in per_kind.values())
+                if built_bytes <= ELEMENT_MEMO_BYTES:
+                    built.append(per_kind)
+                else:                   # too large to keep: stream as without the memo
+                    built = None
             for kind in kinds:
-                el, src = _elements_of_kind(kind, imgs, size, grid, segment_opts)
+                el, src = per_kind[kind]
                 if el.shape[0]:
                     feats[kind].append(_embed_batches(embed_fn, el, mean_t, std_t, int(batch_size), device, None))
                     labs[kind].append(torch.as_tensor(lab[src], dtype=torch.long))
             bar.update(imgs.shape[0])
     finally:
         bar.close()
+    if key is not None and cached is None and built is not None:
+        _memo_put(key, built)
     all_feats = [f for k in kinds for f in feats[k]]
     if not all_feats:
         raise IISInputError("no concept elements were produced: images01 is empty or every segment was rejected")
