@@ -93,7 +93,7 @@ def test_step_matches_torch_random_features(mode, k):
     _grid_against_torch(x, y, c, k, mode)
 
 
-@pytest.mark.parametrize("k,m", [(2, 45), (8, 200), (9, 61), (16, 200)])
+@pytest.mark.parametrize("k,m", [(2, 45), (8, 200), (9, 61), (16, 200), (1, 2), (3, 7), (12, 2)])
 @pytest.mark.parametrize("narrow", [True, False], ids=["narrow", "general"])
 def test_step_matches_torch_narrow_and_general_kernels(k, m, narrow):
     """K <= 16 takes the register-resident kernels of csrc/narrow.h (M not a multiple of 8 included); the
