@@ -168,6 +168,14 @@ inline float finish(SelState& st, float* cand, int nc, int want) {
 // amax = their maximum. cand: scratch of Mp floats.
 inline float select_rth(const float* az, int Mp, int M, int r, float amax, SelState& st, float* cand) {
   constexpr int DONE = 12;  // gather once the bracket holds at most this many values
+  if (r >= M) return amax;  // s = 0 has r = 1 (the minimum); r = M drops everything
+  if (r == 1) {
+    __m256 mn = _mm256_set1_ps(INFINITY);  // pad lanes are +inf: they never win
+    for (int j = 0; j < Mp; j += 8) mn = _mm256_min_ps(mn, _mm256_load_ps(az + j));
+    __m128 m = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
+    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
+  }
   float lo = -1.f, hi = amax;
   int clo = 0, chi = M;     // invariant: #(az <= lo) = clo < r <= chi = #(az <= hi)
   float cut[NCUT];
