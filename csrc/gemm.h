@@ -83,6 +83,39 @@ inline void pack_a(const Mat& A, int64_t i0, int64_t p0, int mc, int kc, float* 
     int mr = std::min(MR, mc - ir);
     float* d = dst + (int64_t)ir * kc;
     if (A.cs == 1 && !A.cidx) {
+#if IIS_AVX2
+      if (mr == MR) {  // 8 columns at a time: 6 row loads, an 8x8 transpose (rows 6, 7 zero), 8 overlapping stores
+        static_assert(MR == 6, "the transposed pack assumes MR == 6");
+        const float* s[MR];
+        for (int r = 0; r < MR; ++r) s[r] = A.base + A.roff(i0 + ir + r) + p0;
+        const __m256 z = _mm256_setzero_ps();
+        int p = 0;
+        for (; p + 8 <= kc; p += 8) {
+          __m256 t0 = _mm256_unpacklo_ps(_mm256_loadu_ps(s[0] + p), _mm256_loadu_ps(s[1] + p));
+          __m256 t1 = _mm256_unpackhi_ps(_mm256_loadu_ps(s[0] + p), _mm256_loadu_ps(s[1] + p));
+          __m256 t2 = _mm256_unpacklo_ps(_mm256_loadu_ps(s[2] + p), _mm256_loadu_ps(s[3] + p));
+          __m256 t3 = _mm256_unpackhi_ps(_mm256_loadu_ps(s[2] + p), _mm256_loadu_ps(s[3] + p));
+          __m256 t4 = _mm256_unpacklo_ps(_mm256_loadu_ps(s[4] + p), _mm256_loadu_ps(s[5] + p));
+          __m256 t5 = _mm256_unpackhi_ps(_mm256_loadu_ps(s[4] + p), _mm256_loadu_ps(s[5] + p));
+          __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+          __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+          __m256 u4 = _mm256_shuffle_ps(t4, z, 0x44), u5 = _mm256_shuffle_ps(t4, z, 0xEE);
+          __m256 u6 = _mm256_shuffle_ps(t5, z, 0x44), u7 = _mm256_shuffle_ps(t5, z, 0xEE);
+          float* o = d + p * MR;  // column q lands at o + 6q; lanes 6, 7 are overwritten by column q + 1
+          _mm256_storeu_ps(o + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
+          _mm256_storeu_ps(o + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
+          _mm256_storeu_ps(o + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
+          _mm256_storeu_ps(o + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
+          _mm256_storeu_ps(o + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
+          _mm256_storeu_ps(o + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
+          _mm256_storeu_ps(o + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
+          _mm256_storeu_ps(o + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+        for (; p < kc; ++p)
+          for (int r = 0; r < MR; ++r) d[p * MR + r] = s[r][p];
+        continue;
+      }
+#endif
       for (int r = 0; r < MR; ++r) {
         if (r < mr) {
           const float* s = A.base + A.roff(i0 + ir + r) + p0;
