@@ -270,7 +270,7 @@ def make_elements(images01: torch.Tensor, labels: Sequence[int] | np.ndarray | t
 
 # ----------------------------------------------------------------------------------------------- memo
 ELEMENT_MEMO_BYTES = 512 * 2**20   # element images kept per process (all keys together); larger sets stream
-_ELEMENT_MEMO: "OrderedDict[str, list]" = OrderedDict()
+_ELEMENT_MEMO: "OrderedDict[str, tuple[list, int]]" = OrderedDict()   # key -> (chunks, bytes)
 
 
 def _memo_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], size: tuple[int, int], grid: int,
@@ -285,14 +285,10 @@ def _memo_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], s
     return h.hexdigest()
 
 
-def _memo_put(key: str, chunks: list) -> None:
-    size = sum(el.numel() * el.element_size() for per_kind in chunks for el, _ in per_kind.values())
-    if size > ELEMENT_MEMO_BYTES:
-        return
-    _ELEMENT_MEMO[key] = chunks
-    total = lambda: sum(el.numel() * el.element_size() for ch in _ELEMENT_MEMO.values()  # noqa: E731
-                        for per_kind in ch for el, _ in per_kind.values())
-    while len(_ELEMENT_MEMO) > 1 and total() > ELEMENT_MEMO_BYTES:
+def _memo_put(key: str, chunks: list, nbytes: int) -> None:
+    """Keep ``chunks`` under ``key``, evicting the least recently used entries beyond the byte budget."""
+    _ELEMENT_MEMO[key] = (chunks, nbytes)
+    while len(_ELEMENT_MEMO) > 1 and sum(b for _, b in _ELEMENT_MEMO.values()) > ELEMENT_MEMO_BYTES:
         _ELEMENT_MEMO.popitem(last=False)
 
 
@@ -408,9 +404,9 @@ def embed_concept_elements(embed_fn: EmbedFn,
         images01 = _check_images(images01)
         lab_all = _as_label_array(labels)
         key = _memo_key(images01, lab_all, kinds, size, int(grid), int(chunk_images), segment_opts)
-        cached = _ELEMENT_MEMO.get(key)
-        if cached is not None:
+        if key in _ELEMENT_MEMO:
             _ELEMENT_MEMO.move_to_end(key)
+            cached = _ELEMENT_MEMO[key][0]
     built: list | None = []             # per chunk: {kind: (element images, source index)}, for the memo
     built_bytes = 0
     bar = tqdm(desc="concept elements", unit="img", disable=not progress)
@@ -433,7 +429,7 @@ def embed_concept_elements(embed_fn: EmbedFn,
     finally:
         bar.close()
     if key is not None and cached is None and built is not None:
-        _memo_put(key, built)
+        _memo_put(key, built, built_bytes)
     all_feats = [f for k in kinds for f in feats[k]]
     if not all_feats:
         raise IISInputError("no concept elements were produced: images01 is empty or every segment was rejected")
