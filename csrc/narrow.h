@@ -126,7 +126,6 @@ inline void count6(const float* az, int Mp, const float* cut, int* cnt) {
 // The previous row's answer and the typical row-to-row change of it: where the next row's first cuts go.
 struct SelState {
   float prev = -1.f, spread = 0.f;
-  int passes = 0, rows = 0;  // statistics (tests / tuning)
 };
 
 constexpr float kWindow = 1.5f;  // half-width of the one-pass window, in units of the row-to-row spread
@@ -160,7 +159,6 @@ inline float finish(SelState& st, float* cand, int nc, int want) {
     st.spread = st.spread > 0.f ? 0.875f * st.spread + 0.125f * d : d;
   }
   st.prev = v;
-  ++st.rows;
   return v;
 }
 
@@ -196,7 +194,6 @@ inline float select_rth(const float* az, int Mp, int M, int r, float amax, SelSt
       nc += __builtin_popcount(m);
     }
     const int c = hsum_epi32(cl);
-    ++st.passes;
     if (c < r && r <= c + nc) return finish(st, cand, nc, r - c - 1);
     if (c >= r) {
       if (a > lo && a < hi) { hi = a; chi = c; }
@@ -209,7 +206,6 @@ inline float select_rth(const float* az, int Mp, int M, int r, float amax, SelSt
     const float base = std::max(lo, 0.f), width = hi - base;
     for (int q = 0; q < NCUT; ++q) cut[q] = base + width * ((float)(q + 1) / (float)(NCUT + 1));
     count6(az, Mp, cut, cnt);
-    ++st.passes;
     const int before = chi - clo;
     for (int q = 0; q < NCUT; ++q) {  // cuts ascend, counts are monotone
       if (!(cut[q] > lo && cut[q] < hi)) continue;
