@@ -10,6 +10,16 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny ops: a second thread gains nothing, and on a shared, loaded 2-core
+    runner its barriers made such tests ~10x slower. Use with ``pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fmnist_train():
     from iis_fast.data.fashion_mnist import load_fashion_mnist

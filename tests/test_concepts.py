@@ -29,13 +29,7 @@ from iis_fast.errors import IISInputError
 GREY = 117 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: extra intra-op threads only spin and slow down on a shared, loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cell_image(grid: int = 4, cell: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

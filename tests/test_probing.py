@@ -17,13 +17,7 @@ from iis_fast.probing.metrics import boxes_to_mask, gaussian_smooth, mean_filter
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops gain nothing from a second thread, and on a shared 2-core runner 2 threads ran ~10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- metrics, hand-computed
