@@ -41,6 +41,30 @@ def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False
                    help="feature cache directory (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """How a checkpoint is read into the model (`score`, `sweep`)."""
+    g = p.add_argument_group("checkpoint options")
+    g.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="classes of the checkpoint's classifier (default: read from the checkpoint; needed only "
+                        "when it holds no classifier and K matters to you: IIS reads the pre-logits features)")
+    g.add_argument("--checkpoint-key", default=None, metavar="NAME",
+                   help="which state dict to read when a checkpoint holds several that fit the model, e.g. "
+                        "state_dict_ema or 'state_dict/model.' (the error lists the candidates)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """score()/sweep() keywords from arguments added by :func:`add_model_options`."""
+    opts: dict = {}
+    if args.num_classes is not None:
+        if args.num_classes < 1:
+            from .errors import IISInputError
+            raise IISInputError(f"--num-classes must be >= 1, got {args.num_classes}")
+        opts["model_kwargs"] = {"num_classes": args.num_classes}
+    if args.checkpoint_key:
+        opts["checkpoint_key"] = args.checkpoint_key
+    return opts
+
+
 def score_options(args: argparse.Namespace) -> dict:
     """IISConfig options from arguments added by :func:`add_score_options` (a comma list of libraries is a list)."""
     libs = [v.strip() for v in args.library.split(",") if v.strip()]
@@ -68,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from .score import score
     r = score(args.model, args.data, eval_loader=args.eval_data, checkpoint=args.checkpoint, layer=args.layer,
-              image_size=args.image_size, progress=not args.no_progress, **score_options(args))
+              image_size=args.image_size, progress=not args.no_progress, **model_options(args),
+              **score_options(args))
     print(r)
     if args.json:
         with open(args.json, "w") as f:
@@ -90,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="How interpretable is a pre-trained vision representation? iis-fast computes the Inherent "
                     "Interpretability Score (IIS: accuracy a sparse concept interpretation keeps, integrated over "
                     "sparsity) and How-to-Probe attribution metrics, for one model or hundreds of checkpoints.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"iis-fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     d = sub.add_parser("demo", help="score two ImageNet-pretrained backbones on Fashion-MNIST (offline, ~minutes)",
@@ -104,17 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_options(d)
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("score", help="IIS of one model on a dataset (.beton file)",
-                       description="Score one timm model (optionally with a checkpoint) on data given as an FFCV "
-                                   ".beton file; without --eval-data a stratified part of --data is held out.")
+    from .data.sources import DATA_SPEC_HELP
+    s = sub.add_parser(
+        "score", help="IIS of one model on a dataset (Fashion-MNIST, a .beton file or an image folder)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score one timm model, optionally with a checkpoint of your own training run (its number of "
+                    "classes is read from the checkpoint; DDP/Lightning/EMA-wrapped state dicts are unwrapped).\n"
+                    "Without --eval-data a stratified part of --data is held out (fashion-mnist uses its TEST split).",
+        epilog="examples:\n"
+               "  iis-fast score mobilenetv2_100 --data fashion-mnist:n_train=2000,n_eval=1000\n"
+               "  iis-fast score resnet18 --checkpoint r18.pth --data imgs/train --eval-data imgs/val\n"
+               "  iis-fast score resnet50 --data train.beton --eval-data val.beton --json r50.json")
     s.add_argument("model", help="timm model name, e.g. resnet50 or mobilenetv2_100")
-    s.add_argument("--checkpoint", help="state_dict / .pth / .safetensors to load into the model")
-    s.add_argument("--data", required=True, help="TRAIN data: a .beton file")
-    s.add_argument("--eval-data", help="evaluation data: a .beton file")
+    s.add_argument("--checkpoint", help="weights to load: a state_dict / training checkpoint (.pt, .pth, .ckpt) "
+                                        "or .safetensors file")
+    s.add_argument("--data", required=True, help=f"TRAIN data: {DATA_SPEC_HELP}")
+    s.add_argument("--eval-data", help="evaluation data of the same kind as --data (a .beton file or an image folder "
+                                       "with the same class folders)")
     s.add_argument("--layer", help="submodule whose pooled output is the representation (default: pre-logits)")
     s.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     s.add_argument("--json", help="write the full result as JSON here")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_options(s)
     add_score_options(s)
     s.set_defaults(func=cmd_score)
 

@@ -135,15 +135,17 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     )
 
 
-def _resolve_model(model: Any, checkpoint: str | None) -> tuple[torch.nn.Module, str]:
+def _resolve_model(model: Any, checkpoint: str | None, checkpoint_key: str | None = None,
+                   model_kwargs: dict[str, Any] | None = None) -> tuple[torch.nn.Module, str]:
     if isinstance(model, torch.nn.Module):
         if checkpoint is not None:
             from .models import load_checkpoint
-            load_checkpoint(model, checkpoint)
+            load_checkpoint(model, checkpoint, checkpoint_key=checkpoint_key)
         return model, type(model).__name__ + (f"@{checkpoint}" if checkpoint else "")
     if isinstance(model, str):
         from .models import create_model
-        return create_model(model, checkpoint=checkpoint), model + (f"@{checkpoint}" if checkpoint else "")
+        net = create_model(model, checkpoint=checkpoint, checkpoint_key=checkpoint_key, **(model_kwargs or {}))
+        return net, model + (f"@{checkpoint}" if checkpoint else "")
     raise IISInputError(f"model must be a torch.nn.Module or a timm model name, got {type(model).__name__}")
 
 
@@ -159,20 +161,8 @@ def _preprocessing(model: torch.nn.Module, image_mean, image_std, image_size) ->
     return pre
 
 
-def _as_loader(data: Any, pre: dict[str, Any], cfg: IISConfig) -> Any:
-    if data is None:
-        return None
-    if isinstance(data, (str, os.PathLike)):
-        from .data.loaders import resolve_loader
-        return resolve_loader(data, image_size=tuple(pre["input_size"][1:]), mean=pre["mean"], std=pre["std"],
-                              batch_size=cfg.extract_batch_size, device=cfg.device)
-    if not hasattr(data, "__iter__"):
-        raise IISInputError(f"loader must be an iterable of (images, labels) batches or a .beton path, "
-                            f"got {type(data).__name__}")
-    return data
-
-
 def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str | None = None,
+          checkpoint_key: str | None = None, model_kwargs: dict[str, Any] | None = None,
           layer: str | None = None, image_mean: Any = None, image_std: Any = None, image_size: Any = None,
           concept_vectors: Any = None, **options: Any) -> IISResult:
     """Inherent Interpretability Score of one model (SPEC §1), from images to score.
@@ -181,9 +171,17 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
         model: a ``torch.nn.Module`` (timm models use their pre-logits vector, torchvision-style models the input
             of their classifier) or a timm model name; with ``checkpoint`` a ``state_dict``/.pth/.safetensors path.
         loader: (images, labels) batches of the TRAIN split under eval preprocessing (a torch DataLoader, an FFCV
-            loader, any iterable) or a ``.beton`` path. Concept-source images come from here only.
-        eval_loader: the evaluation split. Without it, a deterministic stratified part of ``loader``
-            (``eval_fraction``, never a concept-source image) is held out, and ``result.eval_split`` says so.
+            loader, any iterable), or a data spec: a ``.beton`` path, an image folder (``folder/<class>/<img>``)
+            or ``"fashion-mnist[:n_train=N,n_eval=N,seed=S]"`` (whose TEST subset is the evaluation data).
+            Concept-source images come from here only.
+        eval_loader: the evaluation split (a loader, or a ``.beton``/folder matching ``loader``). Without it, a
+            deterministic stratified part of ``loader`` (``eval_fraction``, never a concept-source image) is held
+            out, and ``result.eval_split`` says so.
+        checkpoint: weights to load (plain, nested or prefixed state dicts; see
+            :func:`iis_fast.models.load_checkpoint`). For a model name, the classifier is sized from it.
+        checkpoint_key: which state dict of the checkpoint to use when several fit (e.g. ``"state_dict_ema"``).
+        model_kwargs: ``timm.create_model`` keywords for a model name (e.g. ``{"num_classes": 10}`` when the
+            checkpoint's classifier cannot tell).
         layer: name of a submodule whose (pooled) output is the representation instead.
         image_mean, image_std, image_size: the loader's normalisation (default: the model's preprocessing config);
             used to un-normalise concept-source images and to build loaders from .beton files.
@@ -193,13 +191,19 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     cfg = IISConfig.from_options(**options)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    net, model_name = _resolve_model(model, checkpoint)
+    if loader is None or isinstance(loader, (bytes, bytearray)) or not (
+            isinstance(loader, (str, os.PathLike)) or hasattr(loader, "__iter__")):
+        raise IISInputError(f"loader must be an iterable of (images, labels) batches or a data spec (.beton file, "
+                            f"image folder, 'fashion-mnist'), got {type(loader).__name__}")
+    net, model_name = _resolve_model(model, checkpoint, checkpoint_key, model_kwargs)
     net = net.to(cfg.device).eval()
     pre = _preprocessing(net, image_mean, image_std, image_size)
     owned_loaders = isinstance(loader, (str, os.PathLike)) or isinstance(eval_loader, (str, os.PathLike))
-    loader = _as_loader(loader, pre, cfg)
-    eval_loader = _as_loader(eval_loader, pre, cfg)
-    from .features import FeatureCache, data_fingerprint, extract, model_fingerprint, representation_fn
+    from .data.sources import resolve_data
+    from .features import FeatureCache, data_fingerprint, default_cache_dir, extract, model_fingerprint, \
+        representation_fn
+    loader, eval_loader = resolve_data(loader, eval_loader, pre, cache_dir=cfg.cache_dir or default_cache_dir(),
+                                       batch_size=cfg.extract_batch_size, device=cfg.device)
     embed = representation_fn(net, layer)
     cache = FeatureCache(cfg.cache_dir)
     mfp = model_fingerprint(net, layer)

@@ -240,11 +240,13 @@ def test_checkpoint_key_mismatches(tmp_path, tiny_state) -> None:
     torch.save({**tiny_state, "extra.weight": torch.zeros(3)}, p)
     with pytest.raises(CheckpointError, match=r"extra_key\.pth.*unexpected: extra\.weight"):
         create_model(TINY, checkpoint=p)
-    # mis-shaped key (a 10-class head into a 1000-class model), with the num_classes hint
+    # a 10-class checkpoint: the classifier is sized from it; an explicit num_classes that contradicts it is
+    # refused with the hint
     p = tmp_path / "ten_classes.pth"
     torch.save(create_model(TINY, num_classes=10).state_dict(), p)
+    assert create_model(TINY, checkpoint=p).classifier.out_features == 10
     with pytest.raises(CheckpointError, match=r"ten_classes\.pth.*mis-shaped: classifier\.weight.*num_classes"):
-        create_model(TINY, checkpoint=p)
+        create_model(TINY, checkpoint=p, num_classes=1000)
     assert create_model(TINY, checkpoint=p, num_classes=10).classifier.out_features == 10
     # a different architecture altogether
     p = tmp_path / "resnet.pth"

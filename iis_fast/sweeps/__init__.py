@@ -10,7 +10,7 @@ The package is ``iis_fast.sweeps``; ``iis_fast.sweep`` is the function.
 from __future__ import annotations
 
 from .checkpoints import CheckpointSpec, parse_checkpoints
-from .data import FashionMNISTData
+from ..data.sources import FashionMNISTData
 from .runner import sweep
 from .store import ResultStore
 

@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Any
 
-from ..cli import add_score_options, score_options
+from ..cli import add_model_options, add_score_options, model_options, score_options
+from ..data.sources import DATA_SPEC_HELP
 
 __all__ = ["register"]
 
@@ -26,7 +27,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             ex_opts["parameters"] = json.loads(a.slurm)
     df = sweep(a.checkpoints, a.data, arch=a.arch, out=a.out, executor=a.executor, workers=a.workers,
                retry_failed=a.retry_failed, eval_data=a.eval_data, chunk_size=a.chunk_size, threads=a.threads,
-               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **score_options(a))
+               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **model_options(a),
+               **score_options(a))
     ok = df[df["status"] == "ok"] if not df.empty else df
     print(f"{len(ok)} ok / {len(df)} rows in {a.out}")
     with ResultStore(a.out) as store:
@@ -69,14 +71,15 @@ def register(subparsers: Any) -> None:
                "  iis-fast sweep runs/fmnist/checkpoints.csv --data fashion-mnist:n_train=2000,n_eval=1000 "
                "--out results.db\n"
                "  iis-fast sweep 'runs/*/step_*.pt' --arch iis_smallcnn --executor ray --workers 8\n"
+               "  iis-fast sweep my_run/ --arch resnet18 --data imgs/train --eval-data imgs/val --out r18.db\n"
                "  iis-fast report results.db")
     s.add_argument("checkpoints", nargs="+",
                    help="checkpoint files, folders, globs, or .csv/.txt lists of model_name,path[,step,...]")
     s.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist[:n_train=N,n_eval=N,seed=S]' (local Fashion-MNIST; default 2000 train / 1000 test images) "
-                        "or a TRAIN .beton file")
-    s.add_argument("--eval-data", help="evaluation .beton file (with a .beton --data)")
-    s.add_argument("--arch", help="timm model name for checkpoints that do not name one (e.g. iis_smallcnn)")
+                   help=f"TRAIN data: {DATA_SPEC_HELP}; default fashion-mnist (2000 train / 1000 test images)")
+    s.add_argument("--eval-data", help="evaluation data of the same kind as --data (a .beton file or an image folder "
+                                       "with the same class folders)")
+    s.add_argument("--arch", help="timm model name for checkpoints that do not name one (e.g. resnet18, iis_smallcnn)")
     s.add_argument("--out", default="results.db", help="results database (SQLite; default results.db)")
     s.add_argument("--executor", default="local", choices=["local", "inline", "ray", "slurm"],
                    help="local: process pool (default); inline: in this process; ray: Ray tasks; "
@@ -92,6 +95,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--slurm", help='JSON of submitit parameters, e.g. \'{"slurm_partition": "gpu", "timeout_min": 120}\'')
     s.add_argument("--export", action="append", help="also export the table to this .csv or .parquet (repeatable)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_options(s)
     add_score_options(s, multi_library=True, extract_batch_size=256)
     s.set_defaults(func=cmd_sweep)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .checkpoints import CheckpointSpec
-from .data import DataRef
+from ..data.sources import DataRef
 
 __all__ = ["Task", "run_task", "EXECUTORS", "get_executor", "default_workers"]
 

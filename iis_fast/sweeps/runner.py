@@ -13,7 +13,7 @@ import pandas as pd
 from ..config import IISConfig
 from ..errors import IISInputError
 from .checkpoints import CheckpointSpec, parse_checkpoints
-from .data import DataRef, prepare_data
+from ..data.sources import DataRef, prepare_data
 from .executors import Task, default_workers, failed_rows, get_executor
 from .store import ResultStore, config_hash
 
@@ -55,15 +55,18 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
         checkpoints: paths, globs, folders, or ``.csv``/``.txt`` lists of ``model_name,path[,step,...]``
             (see :func:`~iis_fast.sweeps.checkpoints.parse_checkpoints`).
         data: ``"fashion-mnist[:n_train=2000,n_eval=1000,seed=0]"`` (decoded and preprocessed once per
-            preprocessing, shared by all workers), a ``.beton`` path, or a ``(train_loader, eval_loader)`` pair.
-        arch: timm model name for checkpoints that do not name theirs (e.g. ``"iis_smallcnn"``).
+            preprocessing, shared by all workers), a ``.beton`` path, an image folder, or a
+            ``(train_loader, eval_loader)`` pair.
+        arch: timm model name for checkpoints that do not name theirs (e.g. ``"resnet18"``, ``"iis_smallcnn"``).
+            Each checkpoint's number of classes is read from its classifier.
         out: the results database (created if missing).
         executor: ``"local"`` (a process pool), ``"inline"`` (in this process), ``"ray"``, or ``"slurm"``
             (submitit; ``executor_options={"cluster": "local"}`` runs its jobs as local processes).
         workers: parallel workers (local pool size, Ray CPUs when starting Ray, submitit job count);
             default: this machine's cores.
         retry_failed: also recompute checkpoints stored as failed.
-        eval_data: evaluation ``.beton`` when ``data`` is a ``.beton`` (else score() holds out part of it).
+        eval_data: evaluation ``.beton`` / image folder of the same kind as ``data`` (else score() holds out
+            part of it).
         chunk_size: checkpoints per Ray task / submitit job (default 1 for Ray, ``n / workers`` for submitit).
         threads: torch threads per worker (default: cores // workers).
         num_gpus: GPUs each Ray task / Slurm job asks for (use with ``device="cuda"``).
@@ -71,7 +74,8 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
             ``parameters`` (passed to ``update_parameters``).
         score_fn: a replacement for :func:`iis_fast.score` (module-level, importable); for tests/instrumentation.
         progress: show the overall progress bar and the per-stage timing summary.
-        **score_options: :class:`~iis_fast.config.IISConfig` options; ``library`` may be a list (one row per library).
+        **score_options: :class:`~iis_fast.config.IISConfig` options; ``library`` may be a list (one row per
+            library); ``checkpoint_key`` and ``model_kwargs`` as in :func:`iis_fast.score`.
 
     Returns:
         One row per requested (checkpoint, library) under this config, stored earlier or now: ``status``,
@@ -85,7 +89,11 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
     libraries = [libraries] if isinstance(libraries, str) else list(libraries)
     score_options.pop("progress", None)
     score_options.setdefault("extract_batch_size", 256)     # does not change results; 64 wastes CPU on small nets
-    configs = [IISConfig.from_options(library=lib, progress=False, **score_options).to_dict() for lib in libraries]
+    # how checkpoints are read: part of each row's settings (an EMA copy is another model), absent when unset so
+    # rows stored without them keep their identity
+    model_opts = {k: score_options.pop(k) for k in ("checkpoint_key", "model_kwargs") if score_options.get(k)}
+    configs = [{**IISConfig.from_options(library=lib, progress=False, **score_options).to_dict(), **model_opts}
+               for lib in libraries]
     from ..features import default_cache_dir
     cache_dir = score_options.get("cache_dir") or str(default_cache_dir())
     n_workers = 1 if executor == "inline" else int(workers or default_workers())

@@ -1,14 +1,17 @@
-"""Data for a sweep, prepared once per preprocessing and shared by every checkpoint and worker.
+"""Data specs: what ``score``, ``sweep`` and the CLI accept as data, prepared once per preprocessing.
 
-A sweep's ``data`` argument is one of:
+A ``data`` argument (the same for :func:`iis_fast.score`, :func:`iis_fast.sweep`, ``iis-fast score`` and
+``iis-fast sweep``) is one of:
 
 - ``"fashion-mnist"`` (or ``"fashion-mnist:n_train=2000,n_eval=1000,seed=0"``, or a :class:`FashionMNISTData`):
   class-balanced subsets of the local Fashion-MNIST TRAIN (train) and TEST (eval) splits. For each distinct
   preprocessing (input size, mean, std, crop, interpolation) of the swept models the images are decoded and
   preprocessed once into ``.npy`` files in the cache folder; workers memory-map them (:class:`ArrayLoader`),
   so nothing is decoded again per checkpoint or per worker;
-- a ``.beton`` path (and optionally ``eval_data``): handed to :func:`iis_fast.score`, which reads it with the
-  FFCV loader (``iis_fast.data.loaders.resolve_loader``);
+- a ``.beton`` path (and optionally ``eval_data``): read with the FFCV loader
+  (``iis_fast.data.loaders.resolve_loader``);
+- an image folder (``folder/<class>/<image>``, and optionally an ``eval_data`` folder with the same class
+  folders): read with torchvision's ``ImageFolder`` under the model's eval preprocessing;
 - a ``(train_loader, eval_loader)`` pair of iterables of (images, labels) batches (local executors only; they
   are pickled to the workers).
 """
@@ -27,7 +30,12 @@ import torch
 
 from ..errors import IISInputError
 
-__all__ = ["FashionMNISTData", "PreparedArrays", "ArrayLoader", "DataRef", "parse_data", "prepare_data"]
+__all__ = ["FashionMNISTData", "PreparedArrays", "ArrayLoader", "DataRef", "parse_data", "prepare_data",
+           "resolve_data", "DATA_SPEC_HELP"]
+
+#: One line for --help texts: what a data spec may be.
+DATA_SPEC_HELP = ("'fashion-mnist[:n_train=N,n_eval=N,seed=S]' (the local Fashion-MNIST; TRAIN subset, TEST subset as "
+                  "evaluation data), an FFCV .beton file, or an image folder (folder/<class>/<image>)")
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class ArrayLoader:
 
 @dataclass(frozen=True)
 class DataRef:
-    """What a worker needs to build its loaders: ``kind`` is "arrays", "beton" or "loaders"."""
+    """What a worker needs to build its loaders: ``kind`` is "arrays", "beton", "folder" or "loaders"."""
 
     kind: str
     key: str                                   # identity of the data for the config hash
@@ -113,7 +121,11 @@ class DataRef:
 
 
 def parse_data(data: Any) -> Any:
-    """Normalise the user's ``data`` argument: a :class:`FashionMNISTData`, a .beton path, or a loader pair."""
+    """Normalise the user's ``data`` argument: a :class:`FashionMNISTData`, a .beton or folder path, or a loader pair.
+
+    Raises:
+        IISInputError: a malformed spec or a path that does not exist (the message lists what is accepted).
+    """
     if isinstance(data, FashionMNISTData):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -126,18 +138,41 @@ def parse_data(data: Any) -> Any:
                 k = k.strip().replace("-", "_")
                 if k not in ("n_train", "n_eval", "seed", "root", "batch_size"):
                     raise IISInputError(f"data option {k!r}: choose from n_train, n_eval, seed, root, batch_size")
-                kw[k] = v if k == "root" else int(v)
+                try:
+                    kw[k] = v.strip() if k == "root" else int(v)
+                except ValueError:
+                    raise IISInputError(f"data option {k}={v!r} is not an integer") from None
             return FashionMNISTData(**kw)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return ("folder", str(path.resolve()))
         if text.endswith(".beton"):
-            if not Path(text).is_file():
+            if not path.is_file():
                 raise IISInputError(f"data file {text!r} does not exist")
-            return str(Path(text).resolve())
-        raise IISInputError(f"data={text!r}: give 'fashion-mnist[:n_train=..,n_eval=..]', a .beton file, "
-                            "or a (train_loader, eval_loader) pair")
+            return str(path.resolve())
+        what = "does not exist" if not path.exists() else "is neither a .beton file nor an image folder"
+        raise IISInputError(f"data={text!r} {what}; give {DATA_SPEC_HELP}")
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, "__iter__") for d in data):
         return tuple(data)
-    raise IISInputError(f"data of type {type(data).__name__} is not understood; give 'fashion-mnist', a .beton "
-                        "path, or a (train_loader, eval_loader) pair")
+    raise IISInputError(f"data of type {type(data).__name__} is not understood; give {DATA_SPEC_HELP}, "
+                        "or a (train_loader, eval_loader) pair")
+
+
+def _folder_classes(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_eval_folder(train: str, ev: str) -> None:
+    """ImageFolder numbers classes by their sorted folder names: both folders must name the same classes, or a
+    label would silently mean another class in evaluation."""
+    a, b = _folder_classes(train), _folder_classes(ev)
+    if not a:
+        raise IISInputError(f"image folder {train!r} has no class sub-folders (expected folder/<class>/<image>)")
+    if a != b:
+        only_t, only_e = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise IISInputError(
+            f"the evaluation folder {ev!r} does not have the training folder's classes "
+            f"(only in train: {only_t[:5]}, only in eval: {only_e[:5]}); class indices would not correspond")
 
 
 def _preprocessing_key(pre: dict[str, Any]) -> dict[str, Any]:
@@ -153,10 +188,27 @@ def prepare_data(data: Any, pre: dict[str, Any], cache_dir: str | os.PathLike[st
     (reused by later sweeps); other data kinds are passed through.
     """
     data = parse_data(data)
+    if isinstance(data, tuple) and len(data) == 2 and data[0] == "folder":
+        ev = None
+        if eval_data is not None:
+            ev_parsed = parse_data(eval_data)
+            if not (isinstance(ev_parsed, tuple) and ev_parsed[0] == "folder"):
+                raise IISInputError(f"eval_data={eval_data!r}: with an image folder as data, give an image folder")
+            ev = ev_parsed[1]
+            _check_eval_folder(data[1], ev)
+        elif not _folder_classes(data[1]):
+            raise IISInputError(f"image folder {data[1]!r} has no class sub-folders (expected folder/<class>/<image>)")
+        return DataRef("folder", "folder:" + data[1] + ("|" + ev if ev else ""), train=data[1], eval=ev)
     if isinstance(data, str):
-        ev = str(Path(eval_data).resolve()) if eval_data is not None else None
+        ev = None
+        if eval_data is not None:
+            ev = parse_data(eval_data)
+            if not isinstance(ev, str):
+                raise IISInputError(f"eval_data={eval_data!r}: with a .beton file as data, give a .beton file")
         key = "beton:" + data + ("|" + ev if ev else "")
         return DataRef("beton", key, train=data, eval=ev)
+    if eval_data is not None and isinstance(data, FashionMNISTData):
+        raise IISInputError("eval_data is not used with fashion-mnist data (its TEST split is the evaluation data)")
     if isinstance(data, tuple):
         from ..features import data_fingerprint
         key = "loaders:" + data_fingerprint(data[0]) + "|" + data_fingerprint(data[1])
@@ -199,3 +251,25 @@ def prepare_data(data: Any, pre: dict[str, Any], cache_dir: str | os.PathLike[st
             shutil.rmtree(tmp, ignore_errors=True)
     arrays = PreparedArrays(str(folder), sets["train"].fingerprint, sets["eval"].fingerprint, data.batch_size)
     return DataRef("arrays", data.key, arrays=arrays)
+
+
+def resolve_data(data: Any, eval_data: Any, pre: dict[str, Any], *, cache_dir: str | os.PathLike[str],
+                 batch_size: int, device: str) -> tuple[Any, Any]:
+    """(train, eval) iterables of (images, labels) batches for :func:`iis_fast.score`.
+
+    A data spec string (see the module docstring) is prepared under the model's preprocessing ``pre``; a loader
+    or any other iterable is returned as is (``eval`` may be None: score holds out part of train).
+    """
+    from .loaders import resolve_loader
+
+    def loader(x: Any) -> Any:
+        if x is None:
+            return None
+        return resolve_loader(x, image_size=tuple(pre["input_size"][1:]), mean=pre["mean"], std=pre["std"],
+                              batch_size=batch_size, device=device)
+
+    if not isinstance(data, (str, os.PathLike, FashionMNISTData)):
+        return loader(data), loader(eval_data)
+    ref = prepare_data(data, pre, cache_dir, eval_data)
+    train, ev = ref.loaders()
+    return loader(train), loader(ev)
