@@ -90,7 +90,7 @@ def matmul_gflops(threads: int, device: str = "cpu") -> dict[str, float]:
         out[name] = 2.0 * 1024 * D * 3000 / best / 1e9
     if device == "cpu":
         try:
-            from iis_fast import _C
+            from iis_fast.ops.cpp_backend import _C
             an, bn = a.numpy(), b.numpy()
             _C.matmul(an, bn)
             best = float("inf")

@@ -807,7 +807,11 @@ py::array_t<float> kth_rows(py::array a_, int r) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+// One module per CPU level (setup.py names it; iis_fast/ops/cpu_level.py picks one at import).
+#ifndef IIS_FAST_MODULE
+#define IIS_FAST_MODULE _C
+#endif
+PYBIND11_MODULE(IIS_FAST_MODULE, m) {
   m.doc() = "iis_fast fused CPU kernels (grid training step, evaluation, projection)";
   py::class_<Grid>(m, "Grid")
       .def(py::init<py::dict, py::dict, py::array, py::array, py::array>(), py::arg("params"), py::arg("moments"),

@@ -33,7 +33,7 @@ if IN_PROCESS:
     _prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        from kernels import _common, adam, cross_entropy, projection, sparse_head
+        from iis_fast.kernels import _common, adam, cross_entropy, projection, sparse_head
         from iis_fast.ops.triton_backend import _FlatGrid, train_grid_triton
     finally:                             # kernels built; the fixture below sets it again per test
         if _prev is None:
@@ -324,7 +324,7 @@ import os, subprocess, tempfile, time
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import adam, cross_entropy, projection, sparse_head
+from iis_fast.kernels import adam, cross_entropy, projection, sparse_head
 target = GPUTarget("cuda", 90, 32)
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 F, I64, I32 = "*fp32", "*i64", "*i32"

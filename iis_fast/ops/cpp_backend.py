@@ -1,4 +1,4 @@
-"""`backend="cpp"`: the whole grid trained by the fused C++ kernels of :mod:`iis_fast._C` (csrc/).
+"""`backend="cpp"`: the whole grid trained by the fused C++ kernels (csrc/, built per CPU level; see cpu_level.py).
 
 Same semantics as :func:`iis_fast.heads.batched.train_grid_torch` — same initial parameters (built by
 :class:`GridParams`), same batch order (:func:`~iis_fast.heads.common.train_epochs`), same Adam arithmetic and lr schedule — so the
@@ -24,12 +24,10 @@ from ..heads.batched import GridParams
 from ..heads.common import GridOutput, GridSpec, train_epochs
 from . import register_backend
 
-try:
-    from .. import _C
-    _IMPORT_ERROR = ""
-except ImportError as e:  # not built (pip install -e .) or built for another interpreter / CPU
-    _C = None
-    _IMPORT_ERROR = f"iis_fast._C not built: run pip install -e . ({e})"
+from .cpu_level import load_extension
+
+#: The kernel build for this CPU (None if not built), its level ("avx2" or "base"), and why it is missing.
+_C, CPU_LEVEL, _IMPORT_ERROR = load_extension()
 
 
 def available(device: str = "cpu") -> tuple[bool, str]:

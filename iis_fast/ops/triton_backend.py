@@ -45,7 +45,7 @@ def triton_available(device) -> tuple[bool, str]:
 
 def _kernels():
     """Import the kernels only when they are used: triton decides compile vs interpret at definition time."""
-    from kernels import adam, cross_entropy, projection, sparse_head
+    from iis_fast.kernels import adam, cross_entropy, projection, sparse_head
     return adam, cross_entropy, projection, sparse_head
 
 
@@ -71,7 +71,7 @@ class _FlatGrid:
 
 
 def _interpreting() -> bool:
-    from kernels._common import interpreted
+    from iis_fast.kernels._common import interpreted
     return interpreted(_kernels()[2]._projection_ln_kernel)
 
 
