@@ -1,6 +1,6 @@
 """Time one full IIS grid (3 lr x (1 probe + 8 sparsities), M=200, D=1280) per backend, in one run.
 
-Regimes (SPEC §1.7 / issue 3):  small heads  N=50,000, K=10   (overhead-bound)
+Regimes (docs/spec.md §1.7 / issue 3):  small heads  N=50,000, K=10   (overhead-bound)
                                 large heads  N=20,000, K=1000 (matmul-bound; synthetic labels)
 Each backend trains the grid for a few epochs (the time per epoch is what matters; the 30-epoch figure is an
 explicit extrapolation: one-off setup + 30 x per-epoch). FLOPs are the ones each step really needs — probe

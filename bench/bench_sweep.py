@@ -5,7 +5,7 @@
     python bench/bench_sweep.py /tmp/iis_sweep/ckpts --every 5 --workers 2    # reduced: every 5th checkpoint
 
 Each run starts from an empty database and an empty feature cache, so every stage is really computed.
-Score options are SPEC defaults (M = 200 prototype concepts, 8 sparsities x 3 lrs, 30 epochs, batch 1024) on
+Score options are the docs/spec.md defaults (M = 200 prototype concepts, 8 sparsities x 3 lrs, 30 epochs, batch 1024) on
 Fashion-MNIST subsets (default 2000 TRAIN / 1000 TEST images, 28x28). Per stage, checkpoints/hour is what one
 worker would sustain doing only that stage (3600 / mean stage seconds); ``total`` is the measured wall-clock
 throughput of the whole sweep. Results go to ``bench/results/sweep_w<workers>[_<tag>].json``.

@@ -1,5 +1,5 @@
 // iis_fast._C: fused CPU kernels that train every probe and sparse concept head of an IIS grid at once
-// (SPEC §1.3-1.5). One call = one batch step for all heads: probe GEMMs + softmax-CE + backward + Adam, and per
+// (docs/spec.md §1.3-1.5). One call = one batch step for all heads: probe GEMMs + softmax-CE + backward + Adam, and per
 // concept head (one thread each): affine, per-row threshold (selection), mask, dense GEMM or sparse gather,
 // softmax-CE, backward (dW, db, dγ, dβ) and Adam, with intermediates kept in per-thread scratch.
 //

@@ -4,7 +4,7 @@
 //
 //  * selection: the exact r-th smallest |z| of a row from counting passes with 6 cuts each (vector compares
 //    accumulated as integers), the first cuts placed around the previous row's answer; the few candidates left
-//    in the final bracket are gathered with a movemask and selected exactly. Ties therefore follow SPEC:
+//    in the final bracket are gathered with a movemask and selected exactly. Ties therefore follow docs/spec.md §1.3:
 //    every entry equal to the r-th smallest is dropped (mask = |z| > value).
 //  * dense heads (many entries kept): masked z of a block of rows in [n, Mp] scratch; logits vectorised over the
 //    concept axis against W transposed ([K, Mp]); dW, dz, dgamma, dbeta vectorised over the concept axis with

@@ -1,9 +1,9 @@
 """iis_fast: how interpretable is a pre-trained vision representation, measured fast.
 
 Public API (see README.md):
-- :func:`score` / :func:`score_features`: the Inherent Interpretability Score (IIS) of one model (SPEC §1).
+- :func:`score` / :func:`score_features`: the Inherent Interpretability Score (IIS) of one model (docs/spec.md §1).
 - :func:`sweep`: score many checkpoints, resumably, into a SQLite database.
-- :func:`probe` / :func:`attribution_quality`: How-to-Probe probe variants and attribution metrics (SPEC §2).
+- :func:`probe` / :func:`attribution_quality`: How-to-Probe probe variants and attribution metrics (docs/spec.md §2).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ def _floats(text: str) -> list[float]:
 def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False,
                       extract_batch_size: int = 64) -> None:
     """The IIS options every scoring command shares (`score`, `demo`, `sweep`). Progress is each command's own."""
-    g = p.add_argument_group("IIS options (defaults follow SPEC.md §1)")
+    g = p.add_argument_group("IIS options (defaults follow docs/spec.md §1)")
     if multi_library:
         g.add_argument("--library", default="prototype",
                        help="concept library type(s), comma-separated for several rows per checkpoint: "

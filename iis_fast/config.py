@@ -1,4 +1,4 @@
-"""Configuration of one IIS measurement. Every default is the one SPEC.md §1 gives."""
+"""Configuration of one IIS measurement. Every default is the one docs/spec.md §1 gives."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,7 @@ BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 
 @dataclass
 class IISConfig:
-    """All knobs of one IIS run (SPEC §1). Build with ``IISConfig(**options)``; unknown options raise."""
+    """All knobs of one IIS run (docs/spec.md §1). Build with ``IISConfig(**options)``; unknown options raise."""
 
     library: str = "prototype"          # prototype | cluster | end2end | text
     num_concepts: int = 200             # M
@@ -96,7 +96,7 @@ def kept_count(num_concepts: int, sparsity: float) -> int:
 
 
 def threshold_rank(num_concepts: int, sparsity: float) -> int:
-    """k = int(M*s): entries whose |value| is strictly above the (k+1)-th smallest are kept (SPEC §1.3)."""
+    """k = int(M*s): entries whose |value| is strictly above the (k+1)-th smallest are kept (docs/spec.md §1.3)."""
     k = int(num_concepts * sparsity)
     if k >= num_concepts:
         raise IISInputError(f"sparsity {sparsity} keeps no entry of {num_concepts} concepts")

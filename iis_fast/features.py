@@ -1,4 +1,4 @@
-"""Representations (SPEC §1.1): which vector of a backbone is "the feature", its extraction, and the disk cache.
+"""Representations (docs/spec.md §1.1): which vector of a backbone is "the feature", its extraction, and the disk cache.
 
 Features are computed once per (model weights, layer, data, preprocessing) and stored as .npy files that later
 runs memory-map, so a second score of the same checkpoint never runs the backbone.

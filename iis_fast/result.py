@@ -1,4 +1,4 @@
-"""The result of one IIS measurement (SPEC §1.6) and the score itself."""
+"""The result of one IIS measurement (docs/spec.md §1.6) and the score itself."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 
 
 def iis_from_curve(sparsities: Sequence[float], arr: Sequence[float]) -> float:
-    """Trapezoid area under ARR(s) over the sorted grid, not normalised by the grid's range (SPEC §1.6)."""
+    """Trapezoid area under ARR(s) over the sorted grid, not normalised by the grid's range (docs/spec.md §1.6)."""
     order = np.argsort(np.asarray(sparsities, dtype=np.float64))
     s = np.asarray(sparsities, dtype=np.float64)[order]
     a = np.asarray(arr, dtype=np.float64)[order]

@@ -1,4 +1,4 @@
-"""`score_features`: IIS from precomputed features and a concept matrix (SPEC §1.3-1.6). The engine's core."""
+"""`score_features`: IIS from precomputed features and a concept matrix (docs/spec.md §1.3-1.6). The engine's core."""
 from __future__ import annotations
 
 import gc
@@ -165,7 +165,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
           checkpoint_key: str | None = None, model_kwargs: dict[str, Any] | None = None,
           layer: str | None = None, image_mean: Any = None, image_std: Any = None, image_size: Any = None,
           concept_vectors: Any = None, **options: Any) -> IISResult:
-    """Inherent Interpretability Score of one model (SPEC §1), from images to score.
+    """Inherent Interpretability Score of one model (docs/spec.md §1), from images to score.
 
     Args:
         model: a ``torch.nn.Module`` (timm models use their pre-logits vector, torchvision-style models the input
@@ -267,7 +267,7 @@ def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str
             raise IISInputError("library='text' needs concept_vectors=[M, D] (e.g. from "
                                 "iis_fast.concepts.fit_text_projection with your CLIP features)")
         return build_library("text", None, concept_vectors=torch.as_tensor(concept_vectors))
-    # element geometry (grid, SLIC settings) is the concepts module's fixed SPEC default; the version names it
+    # element geometry (grid, SLIC settings) is the concepts module's fixed default (docs/spec.md §1.2); the version names it
     key = cache.key("elements-v1", train_key, str(list(cfg.elements)), str(cfg.images_per_class),
                     str(tuple(pre["input_size"])), str(pre["mean"]), str(pre["std"]))
     hit = cache.get(key)

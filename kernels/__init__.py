@@ -1,4 +1,4 @@
-"""Triton kernels for the IIS grid's hot loop (SPEC §1.3-1.5); see docs/kernels_triton.md.
+"""Triton kernels for the IIS grid's hot loop (docs/spec.md §1.3-1.5); see docs/kernels_triton.md.
 
 projection      : a = x·Cᵀ fused with LayerNorm statistics -> â [B, M]
 sparse_head     : every concept head: affine, exact per-row threshold, mask, W GEMM, softmax CE; its backward

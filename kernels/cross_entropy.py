@@ -1,6 +1,6 @@
 """Fused softmax cross-entropy forward + backward for the standard probes' logits (Liger-Kernel style).
 
-The probes (SPEC §1.4) are dense Linear(D -> K) layers: their GEMMs x·W and xᵀ·dlogits are cuBLAS's job
+The probes (docs/spec.md §1.4) are dense Linear(D -> K) layers: their GEMMs x·W and xᵀ·dlogits are cuBLAS's job
 (torch.baddbmm / torch.bmm). What is left between the two GEMMs is the loss: one program takes BLOCK_R rows of
 logits, computes the log-sum-exp over K in chunks (online max/sum), the per-row loss, and overwrites the logits
 with their gradient (softmax − onehot)·scale in place, so the probe logits are read twice and written once and no

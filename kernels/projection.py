@@ -1,7 +1,7 @@
 """Kernel (1): the shared projection a = x·Cᵀ fused with the LayerNorm statistics over the M concepts.
 
 Every concept head of the grid starts from the same normalised projection â = (a − mean(a)) / sqrt(var(a) + eps)
-(SPEC §1.3 LayerNorm without its affine; the affine is per head and lives in the head kernel). One program owns
+(docs/spec.md §1.3 LayerNorm without its affine; the affine is per head and lives in the head kernel). One program owns
 BLOCK_B rows and *all* M concepts (padded to a power of two), accumulates x·Cᵀ over D in fp32 and computes mean
 and variance in the epilogue, so `a` itself is never written to memory: only â [B, M] (read by all heads) and
 the two statistics per row leave the kernel. x may be stored as fp32, fp16 or bf16; it is cast to fp32 on load.

@@ -2,7 +2,7 @@
 
 Head h (h = si * n_lr + li) maps the shared normalised projection â [B, M] to logits through
     z = â·γ_h + β_h  ->  keep |z| > t_h(row) (t = (k_h+1)-th smallest |z| of the row; ties at t dropped)
-    ->  zm = z * keep  ->  logits = zm · W_h + b_h   (W_h [M, K])      (SPEC §1.3)
+    ->  zm = z * keep  ->  logits = zm · W_h + b_h   (W_h [M, K])      (docs/spec.md §1.3)
 and is trained with the mean softmax cross-entropy of its batch.
 
 * ``_head_fwd_kernel`` (grid: row blocks x heads). One program holds BLOCK_B rows of â and all M concepts in

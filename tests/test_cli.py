@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand():
 
 def test_subcommand_help_explains_options():
     out = run("score", "--help")
-    assert out.returncode == 0 and "--checkpoint" in out.stdout and "SPEC" in out.stdout
+    assert out.returncode == 0 and "--checkpoint" in out.stdout and "docs/spec.md" in out.stdout
 
 
 def test_backends_lists_reference_and_torch(capsys):

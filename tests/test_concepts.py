@@ -1,4 +1,4 @@
-"""Concept elements and libraries (SPEC §1.2), on small synthetic inputs."""
+"""Concept elements and libraries (docs/spec.md §1.2), on small synthetic inputs."""
 from __future__ import annotations
 
 import numpy as np

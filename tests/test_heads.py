@@ -1,4 +1,4 @@
-"""The grid trainers: SPEC semantics of the concept head and agreement of every backend with the oracle."""
+"""The grid trainers: the concept head of docs/spec.md §1.3 and agreement of every backend with the oracle."""
 import numpy as np
 import pytest
 import torch

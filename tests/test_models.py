@@ -40,7 +40,7 @@ def test_mobilenetv2_timm_matches_torchvision_logits() -> None:
     assert a.shape == (2, 1000)
     assert a.abs().max() > 1.0  # real weights, not an untrained net
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # penultimate representation (SPEC 1.1) is the 1280-d pooled vector
+    # penultimate representation (docs/spec.md §1.1) is the 1280-d pooled vector
     with torch.no_grad():
         feats = timm_model.forward_head(timm_model.forward_features(x), pre_logits=True)
     assert feats.shape == (2, 1280)

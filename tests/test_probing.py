@@ -1,4 +1,4 @@
-"""How-to-Probe (SPEC §2): metrics against hand-computed values, losses, heads, B-cos completeness, batched vs
+"""How-to-Probe (docs/spec.md §2): metrics against hand-computed values, losses, heads, B-cos completeness, batched vs
 one-target-at-a-time attributions, and probe() + attribution_quality() on real Fashion-MNIST features."""
 from __future__ import annotations
 

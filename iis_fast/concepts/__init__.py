@@ -1,4 +1,4 @@
-"""Concept libraries for the Inherent Interpretability Score (SPEC §1.2).
+"""Concept libraries for the Inherent Interpretability Score (docs/spec.md §1.2).
 
 Typical use: pick the concept-source images with :func:`concept_source_indices` (TRAIN split only), embed
 their patch/segment elements with :func:`embed_concept_elements`, then :func:`build_library`.

@@ -1,4 +1,4 @@
-"""Concept elements: patches and SLIC segments of concept-source images, and their embeddings (SPEC §1.2).
+"""Concept elements: patches and SLIC segments of concept-source images, and their embeddings (docs/spec.md §1.2).
 
 Images are float tensors in [0, 1] of shape [N, 3, H, W] (un-normalised). Element images are
 [E, 3, out_h, out_w] in [0, 1], resized to the model's input size with antialiased bilinear interpolation.
@@ -222,7 +222,7 @@ def segment_elements(images01: torch.Tensor, out_size: Sequence[int] | int = (22
                      n_segments: Sequence[int] = (10, 20, 30), compactness: float = 10, sigma: float = 1,
                      max_per_setting: int = 5, min_area_frac: float = 0.001, max_jaccard: float = 0.5,
                      fill: Sequence[int] = GREY_117, n_jobs: int = 1) -> torch.Tensor:
-    """SLIC-segment elements of every image: masked bounding-box crops resized to ``out_size`` (SPEC §1.2).
+    """SLIC-segment elements of every image: masked bounding-box crops resized to ``out_size`` (docs/spec.md §1.2).
 
     See :func:`select_segment_masks` for which segments are kept. Use
     :func:`segment_elements_with_sources` to know which image each element came from.

@@ -1,4 +1,4 @@
-"""Concept libraries C [M, D] (rows L2-normalised) built from element features (SPEC §1.2).
+"""Concept libraries C [M, D] (rows L2-normalised) built from element features (docs/spec.md §1.2).
 
 - prototype: M elements themselves (stratified per class, or the first M);
 - cluster: k-means centres over up to ``max_elements`` elements;

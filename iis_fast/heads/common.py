@@ -1,6 +1,6 @@
-"""What every trainer shares, so that all backends train the same heads from the same start (SPEC §1.3-1.5).
+"""What every trainer shares, so that all backends train the same heads from the same start (docs/spec.md §1.3-1.5).
 
-A *grid* is the SPEC's set of heads: for every lr, one standard probe (Linear D->K on x) and, for every sparsity s,
+A *grid* is the set of heads of docs/spec.md §1.5: for every lr, one standard probe (Linear D->K on x) and, for every sparsity s,
 one concept head (a = x·Cᵀ -> LayerNorm(M) with affine -> keep |z| > (k+1)-th smallest |z| -> Linear M->K).
 Backends differ only in how they compute; they share initialisation, batch order and learning-rate schedule.
 """
@@ -23,7 +23,7 @@ INIT_STD = 0.02
 
 @dataclass
 class GridSpec:
-    """The training recipe of one grid (SPEC §1.5)."""
+    """The training recipe of one grid (docs/spec.md §1.5)."""
 
     num_classes: int
     sparsities: Sequence[float]
@@ -74,7 +74,7 @@ def train_epochs(n: int, spec: GridSpec, n_sets: int, step: Callable[[Any, float
                  evaluate: Callable[[int], tuple[Any, Any]], *, progress=None,
                  prepare_order: Callable[[torch.Tensor], Any] = lambda order: order,
                  sync: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """The epoch loop every batched backend shares (SPEC §1.5): shuffled batches, lr x lr_decay^epoch, then the
+    """The epoch loop every batched backend shares (docs/spec.md §1.5): shuffled batches, lr x lr_decay^epoch, then the
     accuracy of every head on every evaluation set after each epoch.
 
     Args:

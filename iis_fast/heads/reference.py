@@ -1,4 +1,4 @@
-"""The oracle: one head at a time, written as literally as SPEC §1.3-1.5 reads.
+"""The oracle: one head at a time, written as literally as docs/spec.md §1.3-1.5 reads.
 
 Slow on purpose and readable above all; every other backend is tested against it.
 """
@@ -34,7 +34,7 @@ class ConceptHead(nn.Module):
 
 
 def make_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
-    """The standard probe Linear(D->K) (SPEC §1.4)."""
+    """The standard probe Linear(D->K) (docs/spec.md §1.4)."""
     probe = nn.Linear(in_dim, num_classes)
     w, b = init_linear(in_dim, num_classes, seed, 0)
     with torch.no_grad():

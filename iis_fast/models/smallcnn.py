@@ -3,7 +3,7 @@
 Importing this module registers the architecture: afterwards ``timm.create_model("iis_smallcnn")`` and
 ``iis_fast.models.create_model("iis_smallcnn", checkpoint=path)`` build it. It follows timm's conventions:
 ``forward_features`` returns the last feature map [B, C, H, W]; ``forward_head(x, pre_logits=True)`` returns the
-globally average-pooled vector [B, C], the representation IIS measures (SPEC §1.1).
+globally average-pooled vector [B, C], the representation IIS measures (docs/spec.md §1.1).
 
 Input: 3-channel 28x28 images (Fashion-MNIST grey replicated, as :class:`iis_fast.data.FashionMNIST` yields),
 normalised with the Fashion-MNIST mean/std recorded in ``pretrained_cfg``.

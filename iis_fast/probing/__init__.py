@@ -1,4 +1,4 @@
-"""How to Probe (SPEC §2): probe variants on a frozen backbone and the quality of their attributions.
+"""How to Probe (docs/spec.md §2): probe variants on a frozen backbone and the quality of their attributions.
 
 - :func:`probe`: train linear / MLP / B-cos probes with CE and/or BCE at once on cached spatial maps.
 - :func:`attribution_quality`: Input×Gradient, Grad-CAM, Integrated Gradients and B-cos contribution maps,

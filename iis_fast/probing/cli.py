@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["register", "cmd_probe"]
 
 _DESCRIPTION = """\
-How to Probe (SPEC §2), small and offline. On one frozen pretrained backbone, extract the last-stage spatial
+How to Probe (docs/spec.md §2), small and offline. On one frozen pretrained backbone, extract the last-stage spatial
 maps of a Fashion-MNIST subset once, train every requested probe at once (linear; MLP with 2 or 3 layers;
 B-cos with 1-3 layers; each with softmax CE and/or BCE with targets clamp(one_hot, 1/C)), report each probe's
 test accuracy, then build 3x3 grids of distinct-class test images that the probes classify correctly with

@@ -1,4 +1,4 @@
-"""Probe heads (SPEC §2.1) acting at every spatial position of a frozen backbone's last feature map.
+"""Probe heads (docs/spec.md §2.1) acting at every spatial position of a frozen backbone's last feature map.
 
 Every head maps a feature map ``[B, D, h, w]`` to per-position logits ``[B, C, h, w]`` with 1x1 convolutions and
 returns their mean over positions (plus, for B-cos heads, a fixed logit bias):

@@ -1,4 +1,4 @@
-"""Probe losses (SPEC §2.1): softmax cross-entropy, and BCE with targets ``clamp(one_hot, min=1/C)``."""
+"""Probe losses (docs/spec.md §2.1): softmax cross-entropy, and BCE with targets ``clamp(one_hot, min=1/C)``."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,4 +1,4 @@
-"""``attribution_quality``: attribution maps of a model with a probe head, scored by SPEC §2.2 metrics."""
+"""``attribution_quality``: attribution maps of a model with a probe head, scored by docs/spec.md §2.2 metrics."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Train many probes at once on one frozen backbone's cached spatial maps (SPEC §2.1).
+"""Train many probes at once on one frozen backbone's cached spatial maps (docs/spec.md §2.1).
 
 The backbone runs once per split (:func:`~iis_fast.probing.spatial.extract_spatial`); then every
 (head, loss) probe sees the same shuffled mini-batches of maps, and one backward of the summed losses updates
