@@ -5,6 +5,9 @@
 //
 // Parameters live in numpy float32 arrays owned by Python (updated in place). Layouts:
 //   wp [D, L*K] (probe l in columns l*K..), bp [L*K], w [H, M, K], b [H, K], gamma/beta [H, M].
+// ahat is either shared by every head ([N, M], rows picked by idx) or per head ([H, nb, M], the batch's rows in
+// order: end2end, where every head has its own concepts, docs/spec.md §1.2); then step() can also return the
+// gradient of every head's loss with respect to its ahat (dahat [H, nb, M]) for the backward into the concepts.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -295,14 +298,23 @@ class Grid {
   }
 
   // one optimisation step of every head on rows idx of (x, ahat, y)
-  void step(py::array x_, py::array ahat_, py::array y_, py::array idx_, double lr_scale, py::object debug) {
+  void step(py::array x_, py::array ahat_, py::array y_, py::array idx_, double lr_scale, py::object debug,
+            py::object dahat_) {
     const float* x = checked<float>(x_, "x", {-1, D}, false);
     int64_t N = x_.shape(0);
-    const float* ahat = checked<float>(ahat_, "ahat", {N, M}, false);
     const int64_t* y = checked<int64_t>(y_, "y", {N}, false);
     const int64_t* idx = checked<int64_t>(idx_, "idx", {-1}, false);
     int64_t nb = idx_.shape(0);
     if (nb < 1) throw std::invalid_argument("idx: empty batch");
+    const bool per_head = ahat_.ndim() == 3;
+    const float* ahat = per_head ? checked<float>(ahat_, "ahat", {H, nb, M}, false)
+                                 : checked<float>(ahat_, "ahat", {N, M}, false);
+    float* dahat = nullptr;
+    if (!dahat_.is_none()) {
+      if (!per_head) throw std::invalid_argument("dahat: only with per-head ahat [H, nb, M]");
+      py::array d = dahat_.cast<py::array>();
+      dahat = checked<float>(d, "dahat", {H, nb, M}, true);
+    }
     for (int64_t i = 0; i < nb; ++i) {
       if (idx[i] < 0 || idx[i] >= N) throw std::invalid_argument("idx: row index out of range");
       if (y[idx[i]] < 0 || y[idx[i]] >= K) throw std::invalid_argument("y: label out of range [0, num_classes)");
@@ -336,7 +348,7 @@ class Grid {
       py::gil_scoped_release nogil;
       ensure_ws();
       ++t;
-      step_impl(x, ahat, y, idx, nb, lr_scale, want_debug ? &dbg : nullptr);
+      step_impl(x, ahat, per_head ? nb * M : 0, dahat, y, idx, nb, lr_scale, want_debug ? &dbg : nullptr);
     }
   }
 
@@ -344,7 +356,9 @@ class Grid {
   py::tuple evaluate(py::array x_, py::array ahat_, py::array y_) {
     const float* x = checked<float>(x_, "x", {-1, D}, false);
     int64_t N = x_.shape(0);
-    const float* ahat = checked<float>(ahat_, "ahat", {N, M}, false);
+    const bool per_head = ahat_.ndim() == 3;
+    const float* ahat = per_head ? checked<float>(ahat_, "ahat", {H, N, M}, false)
+                                 : checked<float>(ahat_, "ahat", {N, M}, false);
     const int64_t* y = checked<int64_t>(y_, "y", {N}, false);
     py::array_t<int64_t> cp(L), ch(H);
     int64_t* cpp_ = cp.mutable_data();
@@ -352,7 +366,7 @@ class Grid {
     {
       py::gil_scoped_release nogil;
       ensure_ws();
-      eval_impl(x, ahat, y, N, cpp_, chp);
+      eval_impl(x, ahat, per_head ? N * M : 0, y, N, cpp_, chp);
     }
     return py::make_tuple(cp, ch);
   }
@@ -464,9 +478,11 @@ class Grid {
     return Lg;
   }
 
-  void head_train(int64_t h, const float* ahat, const int64_t* idx, const int64_t* y, int64_t nb, float scale,
-                  float step_size, float bc2s, int tid, DebugOut* dbg) {
-    if (use_narrow()) {
+  // ahat rows: idx[i] of a shared ahat, or row i of this head's own block (aidx == nullptr). dah (optional):
+  // this head's d loss / d ahat [nb, M], written in full.
+  void head_train(int64_t h, const float* ahat, const int64_t* aidx, const int64_t* idx, const int64_t* y,
+                  int64_t nb, float scale, float step_size, float bc2s, int tid, DebugOut* dbg, float* dah) {
+    if (use_narrow() && dah == nullptr && aidx != nullptr) {
 #if IIS_AVX2
       narrow_train(h, nb, scale, step_size, bc2s, nws_[tid], hws_[tid], dbg);
 #endif
@@ -488,7 +504,7 @@ class Grid {
     double loss = 0.0;
     for (int64_t r0 = 0; r0 < nb; r0 += row_block) {
       int n = (int)std::min<int64_t>(row_block, nb - r0);
-      build_rows(h, ahat, idx, r0, n, dense, ws, dbg ? dbg->kept + h * nb : nullptr);
+      build_rows(h, ahat, aidx, r0, n, dense, ws, dbg ? dbg->kept + h * nb : nullptr);
       float* G = head_logits(h, n, dense, ws, gw);
       if (dbg) std::memcpy(dbg->head_logits + (h * nb + r0) * K, G, sizeof(float) * n * K);
       for (int i = 0; i < n; ++i) {
@@ -500,8 +516,17 @@ class Grid {
         gemm_serial(M, K, n, Mat{Z, 1, M}, Mat{G, K, 1}, dW, K, true, gw);  // dW += Z^T G
         float* dZ = ws.dz.get((size_t)row_block * M);
         gemm_serial(n, M, K, Mat{G, K, 1}, Mat{W, 1, K}, dZ, M, false, gw);  // dZ = G W^T
-        for (int i = 0; i < n; ++i)
-          masked_grad_row(dg, dbe, Z + (int64_t)i * M, dZ + (int64_t)i * M, ahat + idx[r0 + i] * M, Mi);
+        for (int i = 0; i < n; ++i) {
+          const int64_t ar = aidx ? aidx[r0 + i] : r0 + i;
+          masked_grad_row(dg, dbe, Z + (int64_t)i * M, dZ + (int64_t)i * M, ahat + ar * M, Mi);
+          if (dah) {  // d ahat = dz * gamma at kept entries (kept <=> z != 0), 0 elsewhere
+            const float* zi = Z + (int64_t)i * M;
+            const float* dzi = dZ + (int64_t)i * M;
+            const float* g = gam + h * M;
+            float* out = dah + (r0 + i) * M;
+            for (int j = 0; j < Mi; ++j) out[j] = zi[j] != 0.f ? dzi[j] * g[j] : 0.f;
+          }
+        }
       } else {
         const int32_t* rp = ws.rowptr.data();
         const int32_t* col = ws.col.data();
@@ -509,13 +534,16 @@ class Grid {
         int64_t nnz = rp[n];
         float* dots = ws.dots.get(M);
         for (int i = 0; i < n; ++i) {  // dz at kept entries = G[i] . W[j]
-          const float* ah = ahat + idx[r0 + i] * M;
+          const float* ah = ahat + (aidx ? aidx[r0 + i] : r0 + i) * M;
           int ne = rp[i + 1] - rp[i];
           sparse_dots(dots, G + (int64_t)i * K, W, K, col + rp[i], ne, Ki);
+          float* out = dah ? dah + (r0 + i) * M : nullptr;
+          if (out) std::memset(out, 0, sizeof(float) * M);
           for (int e = 0; e < ne; ++e) {
             int j = col[rp[i] + e];
             dg[j] += dots[e] * ah[j];
             dbe[j] += dots[e];
+            if (out) out[j] = dots[e] * gam[h * M + j];
           }
         }
         // transpose the kept pattern (CSC) so that dW[j] += sum_i z[i,j] G[i] accumulates in registers
@@ -583,8 +611,10 @@ class Grid {
   }
 #endif
 
-  void step_impl(const float* x, const float* ahat, const int64_t* y, const int64_t* idx, int64_t nb,
-                 double lr_scale, DebugOut* dbg) {
+  // ahat_stride: 0 = one ahat [N, M] shared by every head (rows idx); else head h reads its own [nb, M] block at
+  // ahat + h * ahat_stride (the batch's rows in order) and, with dahat, writes its d loss / d ahat there too.
+  void step_impl(const float* x, const float* ahat, int64_t ahat_stride, float* dahat, const int64_t* y,
+                 const int64_t* idx, int64_t nb, double lr_scale, DebugOut* dbg) {
     const double bc1 = 1.0 - std::pow(0.9, (double)t);
     const float bc2s = (float)std::sqrt(1.0 - std::pow(0.999, (double)t));
     const float scale = 1.0f / (float)nb;
@@ -602,7 +632,7 @@ class Grid {
     float* dwp = L > 0 ? pdw_.get(D * LK) : nullptr;
     float* xb = L > 0 ? xb_.get((size_t)nb * D) : nullptr;
     std::vector<int64_t> order = head_order();
-    const bool gather = use_narrow() && H > 0;
+    const bool gather = use_narrow() && H > 0 && ahat_stride == 0;
     if (gather) {
       ab_.get((size_t)nb * M);
       yb_.resize(nb);
@@ -677,7 +707,8 @@ class Grid {
       for (int64_t oi = 0; oi < H; ++oi) {
         int64_t h = order[oi];
         float ss = (float)(lr_head[h] * lr_scale / bc1);
-        head_train(h, ahat, idx, y, nb, scale, ss, bc2s, tid, dbg);
+        head_train(h, ahat + h * ahat_stride, ahat_stride ? nullptr : idx, idx, y, nb, scale, ss, bc2s, tid, dbg,
+                   dahat ? dahat + h * nb * M : nullptr);
       }
     }
     if (dbg)
@@ -688,7 +719,8 @@ class Grid {
       }
   }
 
-  void eval_impl(const float* x, const float* ahat, const int64_t* y, int64_t N, int64_t* cp, int64_t* ch) {
+  void eval_impl(const float* x, const float* ahat_all, int64_t ahat_stride, const int64_t* y, int64_t N,
+                 int64_t* cp, int64_t* ch) {
     const int64_t LK = L * K;
     const int nt = std::min((int)gws_.size(), std::max(1, max_threads()));
     const int64_t EB = 512;  // probe rows per block, per thread
@@ -713,6 +745,7 @@ class Grid {
 #pragma omp for schedule(dynamic, 1) nowait
       for (int64_t oi = 0; oi < H; ++oi) {
         int64_t h = order[oi];
+        const float* ahat = ahat_all + h * ahat_stride;
 #if IIS_AVX2
         if (use_narrow()) {
           ch[h] = narrow::eval_fn((int)K)(narrow_head(h), ahat, y, N, nws_[tid]);
@@ -817,7 +850,7 @@ PYBIND11_MODULE(IIS_FAST_MODULE, m) {
       .def(py::init<py::dict, py::dict, py::array, py::array, py::array>(), py::arg("params"), py::arg("moments"),
            py::arg("ks"), py::arg("lr_probe"), py::arg("lr_head"))
       .def("step", &Grid::step, py::arg("x"), py::arg("ahat"), py::arg("y"), py::arg("idx"), py::arg("lr_scale"),
-           py::arg("debug") = py::none())
+           py::arg("debug") = py::none(), py::arg("dahat") = py::none())
       .def("evaluate", &Grid::evaluate, py::arg("x"), py::arg("ahat"), py::arg("y"))
       .def("head_dense", &Grid::head_dense)
       .def_readwrite("t", &Grid::t)

@@ -13,6 +13,19 @@ LIBRARIES = ("prototype", "cluster", "end2end", "text")
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 
 
+REPRODUCE = (None, "official")
+#: The options the ``reproduce`` preset sets (docs/spec.md §1.9), their choices, defaults and official values.
+PRESET_CHOICES: dict[str, tuple[str, ...]] = {
+    "elements": ("patches", "segments", "both"), "element_geometry": ("crop", "official"),
+    "prototype_selection": ("stratified", "first"), "element_subset": ("random", "first"),
+    "end2end_eval": ("argmax", "stochastic")}
+DEFAULT_OPTIONS: dict[str, str] = {"elements": "both", "element_geometry": "crop", "prototype_selection": "stratified",
+                                   "element_subset": "random", "end2end_eval": "argmax"}
+OFFICIAL_OPTIONS: dict[str, str] = {"elements": "segments", "element_geometry": "official",
+                                    "prototype_selection": "first", "element_subset": "first",
+                                    "end2end_eval": "stochastic"}
+
+
 @dataclass
 class IISConfig:
     """All knobs of one IIS run (docs/spec.md §1). Build with ``IISConfig(**options)``; unknown options raise."""
@@ -26,9 +39,13 @@ class IISConfig:
     lr_decay: float = 0.99              # lr multiplied by this after every epoch
     seed: int = 0
     images_per_class: int = 10          # concept-source images per class (TRAIN split only)
-    elements: Sequence[str] = ("patches", "segments")
-    prototype_selection: str = "stratified"   # stratified | first
+    reproduce: str | None = None        # "official": every option left None below takes its official value
+    elements: str | None = None         # patches | segments | both (None: "both"; official "segments")
+    element_geometry: str | None = None     # crop | official (None: "crop"; docs/spec.md §1.2)
+    prototype_selection: str | None = None  # stratified | first (None: "stratified"; official "first")
     max_elements: int = 20000           # cap for cluster / end2end
+    element_subset: str | None = None   # random | first: which max_elements (None: "random"; official "first")
+    end2end_eval: str | None = None     # argmax | stochastic (None: "argmax"; official "stochastic")
     selection: str = "eval"             # epoch selection split: "eval" (reference) | "holdout"
     selection_fraction: float = 0.1     # share of train held out when selection == "holdout"
     eval_fraction: float = 0.2          # share of the loader held out when no eval_loader is given
@@ -42,8 +59,21 @@ class IISConfig:
     def __post_init__(self) -> None:
         self.sparsities = tuple(float(s) for s in self.sparsities)
         self.lrs = tuple(float(v) for v in self.lrs)
-        self.elements = tuple(self.elements)
+        self._resolve_preset()
         self.validate()
+
+    def _resolve_preset(self) -> None:
+        """Options left None take the value of the ``reproduce`` preset (docs/spec.md §1.9)."""
+        if self.reproduce not in REPRODUCE:
+            raise IISInputError(f"reproduce={self.reproduce!r}: choose None or 'official'")
+        preset = OFFICIAL_OPTIONS if self.reproduce == "official" else DEFAULT_OPTIONS
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if not isinstance(self.elements, str):          # a sequence of kinds, as earlier versions took
+            kinds = tuple(self.elements)
+            self.elements = "both" if sorted(kinds) == ["patches", "segments"] else (kinds[0] if len(kinds) == 1
+                                                                                     else repr(kinds))
 
     def validate(self) -> None:
         if self.library not in LIBRARIES:
@@ -66,8 +96,9 @@ class IISConfig:
                 raise IISInputError(f"{name}={getattr(self, name)}: must be a positive integer")
         if self.selection not in ("eval", "holdout"):
             raise IISInputError(f"selection={self.selection!r}: choose 'eval' or 'holdout'")
-        if self.prototype_selection not in ("stratified", "first"):
-            raise IISInputError("prototype_selection must be 'stratified' or 'first'")
+        for name, choices in PRESET_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise IISInputError(f"{name}={getattr(self, name)!r}: choose one of {choices}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise IISInputError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
         for frac in ("selection_fraction", "eval_fraction"):

@@ -244,7 +244,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
 
     train_x, train_y = np.asarray(x_all)[tr_idx], np.asarray(y_all)[tr_idx]
     t0 = time.perf_counter()
-    concepts = _concept_library(cfg, cache, train_key, train, embed, pre, train_x, train_y, concept_vectors)
+    concepts = _concept_library(cfg, cache, train_key, train, embed, pre, loader, concept_vectors)
     timings["concepts"] = time.perf_counter() - t0
     if owned_loaders:
         # FFCV loaders hold numba objects whose finalizers, if the cyclic GC runs them inside compile()/ast.parse,
@@ -258,42 +258,8 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
 
 
 def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str, Any], embed: Any,
-                     pre: dict[str, Any], train_x: np.ndarray, train_y: np.ndarray, concept_vectors: Any
-                     ) -> torch.Tensor:
-    """Embed the concept elements of the TRAIN concept-source images (cached) and build the library."""
-    from .concepts import build_library, embed_concept_elements
-    if cfg.library == "text":
-        if concept_vectors is None:
-            raise IISInputError("library='text' needs concept_vectors=[M, D] (e.g. from "
-                                "iis_fast.concepts.fit_text_projection with your CLIP features)")
-        return build_library("text", None, concept_vectors=torch.as_tensor(concept_vectors))
-    # element geometry (grid, SLIC settings) is the concepts module's fixed default (docs/spec.md §1.2); the version names it
-    key = cache.key("elements-v1", train_key, str(list(cfg.elements)), str(cfg.images_per_class),
-                    str(tuple(pre["input_size"])), str(pre["mean"]), str(pre["std"]))
-    hit = cache.get(key)
-    if hit is None:
-        mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
-        images01 = (tensor_from_numpy(train["src_images"]) * std + mean).clamp(0, 1)
-        if images01.shape[1] == 1:
-            images01 = images01.expand(-1, 3, -1, -1)
-        feats, labels = embed_concept_elements(
-            embed, images01, tensor_from_numpy(train["src_labels"]), out_size=tuple(pre["input_size"][1:]),
-            mean=pre["mean"], std=pre["std"], kinds=cfg.elements, batch_size=cfg.extract_batch_size,
-            device=cfg.device, progress=cfg.progress, n_jobs=-1, chunk_images=32, memo=True)
-        cache.put(key, {"feats": feats.numpy(), "labels": labels.numpy()}, {"kind": "elements"})
-        hit = cache.get(key)
-    feats = tensor_from_numpy(hit["feats"])
-    labels = tensor_from_numpy(hit["labels"])
-    opts: dict[str, Any] = {}
-    if cfg.library == "prototype":
-        opts["selection"] = cfg.prototype_selection
-    if cfg.library in ("cluster", "end2end"):
-        opts["max_elements"] = cfg.max_elements
-    if cfg.library == "end2end":
-        opts.update(train_x=torch.from_numpy(train_x).float(), train_y=torch.from_numpy(train_y).long(),
-                    device=cfg.device)
-    if cfg.num_concepts > feats.shape[0]:
-        raise IISInputError(f"num_concepts={cfg.num_concepts} but only {feats.shape[0]} concept elements exist: "
-                            "lower num_concepts or raise images_per_class")
-    return build_library(cfg.library, feats, labels, cfg.num_concepts, cfg.seed, **opts)
+                     pre: dict[str, Any], loader: Any, concept_vectors: Any) -> torch.Tensor:
+    """The library of ``cfg.library`` from the TRAIN concept-source images (docs/spec.md §1.2; for end2end the
+    element matrix E); see :func:`iis_fast.concepts.pipeline.score_library`."""
+    from .concepts.pipeline import score_library
+    return score_library(cfg, cache, train_key, train, embed, pre, loader, concept_vectors)

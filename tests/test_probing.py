@@ -86,6 +86,29 @@ def test_ixg_uses_gaussian_129_reflect():
     torch.testing.assert_close(small, torch.full((2, 9, 9), 3.0))
 
 
+def test_smoothing_follows_the_official_scripts():
+    """GridPG/EPG: Gaussian for ixg and ig, mean filter otherwise; entropy: the mean filter for every method."""
+    from iis_fast.probing import smoothing_for
+    assert [smoothing_for(m, "gridpg") for m in ("ixg", "ig", "gradcam", "bcos")] == ["gaussian"] * 2 + ["mean5"] * 2
+    assert [smoothing_for(m, "epg") for m in ("ixg", "ig", "gradcam")] == ["gaussian", "gaussian", "mean5"]
+    assert {smoothing_for(m, "entropy") for m in ("ixg", "ig", "gradcam", "bcos")} == {"mean5"}
+    torch.manual_seed(0)
+    a = torch.randn(2, 70, 70)
+    cells = torch.tensor([0, 3])
+    gauss, mean5 = gaussian_smooth(a).clamp_min(0), mean_filter5(a).clamp_min(0)
+    for method, p in (("ixg", gauss), ("ig", gauss), ("gradcam", mean5)):
+        want = torch.stack([p[0, :35, :35].sum(), p[1, 35:, 35:].sum()]) / (p.sum((1, 2)) + 1e-12)
+        torch.testing.assert_close(grid_pointing_game(a, cells, 2, method), want)
+    torch.testing.assert_close(grid_pointing_game(a, cells, 2, "ixg", smoothing="mean5"),
+                               grid_pointing_game(a, cells, 2, "gradcam"))
+    q = mean5.flatten(1) / mean5.flatten(1).sum(1, keepdim=True)
+    want = -(q * torch.log2(torch.where(q > 0, q, torch.ones_like(q)))).sum(1)
+    torch.testing.assert_close(entropy(a), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(entropy(a, smoothing="gaussian"), want)
+    with pytest.raises(IISInputError, match="smoothing"):
+        entropy(a, smoothing="box")
+
+
 # ---------------------------------------------------------------- losses and heads
 
 def test_bce_targets_and_loss():
@@ -187,6 +210,62 @@ def test_ig_completeness_on_linear_model():
     with torch.no_grad():
         want = model(x) - model(torch.zeros_like(x))
     torch.testing.assert_close(a.sum((2, 3)), want, atol=1e-5, rtol=1e-4)
+
+
+def test_ig_nodes_integrate_polynomials():
+    """Gauss-Legendre with n nodes on [0, 1] is exact for degree < 2n (captum's nodes: 0.5 (x + 1), 0.5 w)."""
+    from iis_fast.probing.attribution import ig_nodes
+    a, w = ig_nodes(50)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12) and 0 < float(a.min()) and float(a.max()) < 1
+    a, w = ig_nodes(4)
+    for k in range(8):
+        assert float((w * a ** k).sum()) == pytest.approx(1 / (k + 1), rel=1e-12)
+    a, w = ig_nodes(4, "riemann_middle")
+    torch.testing.assert_close(a, torch.tensor([0.125, 0.375, 0.625, 0.875], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.full((4,), 0.25, dtype=torch.float64))
+    with pytest.raises(IISInputError, match="ig_method"):
+        ig_nodes(4, "trapezoid")
+
+
+def test_gradcam_layers_and_relu_by_hand():
+    """Official default: the last conv (TinyNet: body.3, before its ReLU), no clipping; 'features': the final map.
+    Both against Σ_d mean(∂y/∂A_d) A_d computed by hand, then bilinear upsampling."""
+    from iis_fast.probing.attribution import last_conv
+    torch.manual_seed(2)
+    bb = TinyNet().eval()
+    model = ProbedModel(bb, make_head("linear", 16, 4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert last_conv(bb, x) is bb.body[3]
+    pre = bb.body[:4](x).detach().requires_grad_(True)        # conv output, before the ReLU
+    g, = torch.autograd.grad(model.head(torch.relu(pre))[0, 2], pre)
+    cam = (g.mean((2, 3), keepdim=True) * pre.detach()).sum(1, keepdim=True)
+    up = lambda c: nn.functional.interpolate(c, size=(16, 16), mode="bilinear", align_corners=False)[0, 0]  # noqa: E731
+    torch.testing.assert_close(attribute(model, x, [2], "gradcam")[0, 0], up(cam), atol=1e-6, rtol=1e-5)
+    assert (cam < 0).any()                                     # the official form keeps negative values
+    torch.testing.assert_close(attribute(model, x, [2], "gradcam", gradcam_relu=True)[0, 0], up(cam.clamp_min(0)),
+                               atol=1e-6, rtol=1e-5)
+    f = bb.forward_features(x).detach().requires_grad_(True)
+    g, = torch.autograd.grad(model.head(f)[0, 2], f)
+    classic = (g.mean((2, 3), keepdim=True) * f.detach()).sum(1, keepdim=True).clamp_min(0)
+    got = attribute(model, x, [2], "gradcam", gradcam_layer="features", gradcam_relu=True)[0, 0]
+    torch.testing.assert_close(got, up(classic), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attribute(model, x, [2], "gradcam", gradcam_layer="body.3"),
+                               attribute(model, x, [2], "gradcam"))
+    with pytest.raises(IISInputError, match="gradcam_layer"):
+        attribute(model, x, [2], "gradcam", gradcam_layer="layer4.2.conv3")
+
+
+def test_attribute_restores_modes_of_a_timm_classifier():
+    """attribute() on a bare timm classifier (wrapped as backbone + its own head) leaves every module's train/eval
+    mode and requires_grad as it found them."""
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    m.eval()
+    m.layer1.train()
+    before = {n: mod.training for n, mod in m.named_modules()}
+    attribute(m, torch.randn(1, 3, 32, 32), [1], "ixg")
+    assert {n: mod.training for n, mod in m.named_modules()} == before
+    assert all(p.requires_grad for p in m.parameters())
 
 
 # ---------------------------------------------------------------- real data

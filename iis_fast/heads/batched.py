@@ -42,19 +42,30 @@ class GridParams:
     @torch.no_grad()
     def adam_step(self, grads: dict[str, torch.Tensor], lr_scale: float) -> None:
         """torch.optim.Adam's update (no weight decay), with a learning rate per head (first axis)."""
-        b1, b2 = ADAM_BETAS
         self.step += 1
-        bc1 = 1 - b1 ** self.step
-        bc2_sqrt = math.sqrt(1 - b2 ** self.step)
-        for name, p in self.tensors().items():
-            g = grads[name]
-            m, v = self.moments[name]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            lr = (self.lr_probe if name in ("wp", "bp") else self.lr_head) * lr_scale
-            step_size = (lr / bc1).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
-            denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-            p.addcdiv_(m * step_size, denom, value=-1.0)
+        lrs = {n: self.lr_probe if n in ("wp", "bp") else self.lr_head for n in self.moments}
+        adam_step_(self.tensors(), self.moments, grads, lrs, self.step, lr_scale)
+
+
+@torch.no_grad()
+def adam_step_(params: dict[str, torch.Tensor], moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               grads: dict[str, torch.Tensor], lrs: dict[str, torch.Tensor], step: int, lr_scale: float) -> None:
+    """torch.optim.Adam's update (no weight decay) of every tensor in place, with a learning rate per head.
+
+    ``lrs[name]`` (float64) holds one learning rate per entry of the tensor's first axis; ``step`` is the update's
+    1-based count (bias correction).
+    """
+    b1, b2 = ADAM_BETAS
+    bc1 = 1 - b1 ** step
+    bc2_sqrt = math.sqrt(1 - b2 ** step)
+    for name, p in params.items():
+        g = grads[name]
+        m, v = moments[name]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = (lrs[name] * lr_scale / bc1).to(p.dtype).to(p.device).view(-1, *([1] * (p.dim() - 1)))
+        denom = (v.sqrt() / bc2_sqrt).add_(ADAM_EPS)
+        p.addcdiv_(m * step_size, denom, value=-1.0)
 
 
 def normalized_projection(x: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
@@ -100,6 +111,9 @@ def grid_accuracy(x: torch.Tensor, y: torch.Tensor, concepts: torch.Tensor, para
 def train_grid_torch(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
                      concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
     """Train the whole grid at once with autograd on stacked parameters."""
+    if spec.assignment is not None:
+        from .end2end import train_end2end_torch
+        return train_end2end_torch(x, y, eval_sets, concepts, spec, progress)
     device = x.device
     concepts = concepts.float().to(device)
     params = GridParams(x.shape[1], concepts.shape[0], spec, device)

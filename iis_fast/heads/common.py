@@ -22,6 +22,18 @@ INIT_STD = 0.02
 
 
 @dataclass
+class AssignmentSpec:
+    """end2end (docs/spec.md §1.2): every concept head learns its own assignment of E elements to M concepts.
+
+    A grid with an assignment gets the element matrix E [E, D] (unit rows) where other grids get C [M, D].
+    """
+
+    num_concepts: int                   # M
+    tau: float = 0.1                    # softmax(LN(q) / tau + gumbel), as the official code scales it
+    stochastic_eval: bool = False       # official: fresh noise for every evaluation batch; default: argmax of LN(q)
+
+
+@dataclass
 class GridSpec:
     """The training recipe of one grid (docs/spec.md §1.5)."""
 
@@ -32,6 +44,7 @@ class GridSpec:
     batch_size: int = 1024
     lr_decay: float = 0.99
     seed: int = 0
+    assignment: AssignmentSpec | None = None    # end2end: per-head learned concepts (None: a fixed library)
 
     def ks(self, num_concepts: int) -> list[int]:
         """Threshold rank k = int(M*s) per sparsity."""

@@ -1,16 +1,27 @@
-"""Attribution-quality metrics (docs/spec.md §2.2), on maps ``A`` with channels already summed, at input resolution.
+"""Attribution-quality metrics (docs/spec.md §2.2), on maps ``A`` with channels already summed, at
+input resolution.
 
-Order: smooth, then clip: ``S = smooth(A)``, ``P = max(S, 0)``.
+Order: smooth, then clip: ``S = smooth(A)``, ``P = max(S, 0)``. The smoothing follows the official evaluation
+scripts (:func:`smoothing_for`):
 
-- smoothing: a 5x5 mean filter with zero padding that always divides by 25 (also at the border), except for
-  Input×Gradient, which uses a Gaussian (kernel 129, sigma 32.25, reflect padding; the kernel is normalised
-  to sum 1 as torchvision's ``gaussian_blur``; on maps smaller than 65 px the reflection is repeated, as
-  ``numpy.pad(mode="reflect")``, where torchvision would raise).
+- GridPG and EPG: a Gaussian (kernel 129, sigma 32.25, reflect padding; normalised to sum 1 as torchvision's
+  ``gaussian_blur``; on maps smaller than 65 px the reflection is repeated, as ``numpy.pad(mode="reflect")``,
+  where torchvision would raise) for the pixel-level gradient maps, Input×Gradient and Integrated Gradients;
+  a 5x5 mean filter with zero padding that always divides by 25 (also at the border) for every other method.
+  (The official GridPG script evaluates no IG maps; we use its EPG script's Gaussian for them.)
+- entropy: always the 5x5 mean filter, for every method (Input×Gradient included).
+- Gini: no smoothing.
+
+Metrics:
+
 - GridPG: P inside the target's cell / (P everywhere + 1e-12).
 - EPG: P inside the target's boxes / (P everywhere + 1e-12).
 - entropy (complexity): ``-Σ p log2 p`` with ``p = P / ΣP`` (``0 log 0 = 0``; an all-zero P gives 0).
 - Gini (compactness) of ``max(A, 0)``, unsmoothed: ``Σ_i (2i - n - 1) v_(i) / (n Σ v)`` over ascending
-  values (0 for an all-zero map). The reference adds 1e-7 to every value and 1e-10 inside the log; we do not.
+  values (0 for an all-zero map). The official code adds 1e-7 to every value and 1e-10 inside the log; we do
+  not.
+
+Every smoothed metric takes ``smoothing=`` (``"gaussian"`` or ``"mean5"``) to override the rule.
 """
 from __future__ import annotations
 
@@ -25,6 +36,8 @@ from ..errors import IISInputError
 __all__ = [
     "GAUSSIAN_KERNEL",
     "GAUSSIAN_SIGMA",
+    "SMOOTHINGS",
+    "smoothing_for",
     "smooth",
     "positive",
     "mean_filter5",
@@ -39,6 +52,11 @@ __all__ = [
 
 GAUSSIAN_KERNEL = 129
 GAUSSIAN_SIGMA = 32.25
+SMOOTHINGS: tuple[str, ...] = ("gaussian", "mean5")
+
+# The official scripts smooth pixel-level gradient maps with the Gaussian for the localisation metrics only.
+_GAUSSIAN_FOR: dict[str, frozenset[str]] = {"gridpg": frozenset({"ixg", "ig"}), "epg": frozenset({"ixg", "ig"}),
+                                            "entropy": frozenset()}
 
 
 def _as_maps(a: torch.Tensor, what: str = "maps") -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -88,14 +106,30 @@ def gaussian_smooth(maps: torch.Tensor, ksize: int = GAUSSIAN_KERNEL, sigma: flo
     return a.reshape(*lead, h, w)
 
 
-def smooth(maps: torch.Tensor, method: str = "") -> torch.Tensor:
-    """SPEC smoothing: Gaussian(129, 32.25, reflect) for ``method == "ixg"``, else the 5x5 /25 mean filter."""
-    return gaussian_smooth(maps) if method == "ixg" else mean_filter5(maps)
+def smoothing_for(method: str = "", metric: str = "gridpg") -> str:
+    """The official smoothing of ``method``'s maps for ``metric``: ``"gaussian"`` or ``"mean5"``.
+
+    GridPG / EPG: the Gaussian for ``ixg`` and ``ig``, the 5x5 mean filter otherwise; entropy: always the mean
+    filter.
+    """
+    if metric not in _GAUSSIAN_FOR:
+        raise IISInputError(f"metric: smoothing is defined for {', '.join(_GAUSSIAN_FOR)}, got {metric!r}")
+    return "gaussian" if method in _GAUSSIAN_FOR[metric] else "mean5"
 
 
-def positive(maps: torch.Tensor, method: str = "") -> torch.Tensor:
+def smooth(maps: torch.Tensor, method: str = "", metric: str = "gridpg", smoothing: str | None = None) -> torch.Tensor:
+    """``maps`` smoothed as the official code does for ``method`` and ``metric`` (:func:`smoothing_for`), or
+    with ``smoothing`` (``"gaussian"`` or ``"mean5"``) when given."""
+    kind = smoothing_for(method, metric) if smoothing is None else smoothing
+    if kind not in SMOOTHINGS:
+        raise IISInputError(f"smoothing: use one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
+    return gaussian_smooth(maps) if kind == "gaussian" else mean_filter5(maps)
+
+
+def positive(maps: torch.Tensor, method: str = "", metric: str = "gridpg",
+             smoothing: str | None = None) -> torch.Tensor:
     """``P = max(smooth(A), 0)``: smooth first, then clip."""
-    return smooth(maps, method).clamp_min(0.0)
+    return smooth(maps, method, metric, smoothing).clamp_min(0.0)
 
 
 def grid_cell_masks(height: int, width: int, grid_size: int, device: torch.device | None = None) -> torch.Tensor:
@@ -109,16 +143,17 @@ def grid_cell_masks(height: int, width: int, grid_size: int, device: torch.devic
 
 
 def grid_pointing_game(maps: torch.Tensor, cells: torch.Tensor | Sequence[int], grid_size: int,
-                       method: str = "") -> torch.Tensor:
+                       method: str = "", smoothing: str | None = None) -> torch.Tensor:
     """GridPG score per map: positive smoothed attribution inside the target's cell over the total.
 
     Args:
         maps: ``[..., H, W]`` raw attribution maps (channels summed) of grid images.
         cells: the target cell (row-major index in ``0..g*g-1``) of each map, shape ``maps.shape[:-2]``.
         grid_size: g.
-        method: the attribution method (selects the smoothing, see :func:`smooth`).
+        method: the attribution method (selects the smoothing, see :func:`smoothing_for`).
+        smoothing: ``"gaussian"`` or ``"mean5"`` instead of the official choice for ``method``.
     """
-    p = positive(maps, method)
+    p = positive(maps, method, "gridpg", smoothing)
     cells_t = torch.as_tensor(cells, dtype=torch.long, device=p.device)
     if tuple(cells_t.shape) != tuple(p.shape[:-2]):
         raise IISInputError(f"cells must have shape {tuple(p.shape[:-2])} (one per map), got {tuple(cells_t.shape)}")
@@ -139,18 +174,25 @@ def boxes_to_mask(boxes: Sequence[Sequence[float]], height: int, width: int) -> 
     return m
 
 
-def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor, method: str = "") -> torch.Tensor:
-    """EPG per map: positive smoothed attribution inside the boolean ``masks`` (boxes) over the total."""
-    p = positive(maps, method)
+def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor, method: str = "",
+                         smoothing: str | None = None) -> torch.Tensor:
+    """EPG per map: positive smoothed attribution inside the boolean ``masks`` (boxes) over the total.
+
+    ``method`` selects the smoothing (:func:`smoothing_for`); ``smoothing`` overrides it.
+    """
+    p = positive(maps, method, "epg", smoothing)
     masks = torch.as_tensor(masks, dtype=torch.bool, device=p.device)
     if masks.shape[-2:] != p.shape[-2:]:
         raise IISInputError(f"masks must be [..., {p.shape[-2]}, {p.shape[-1]}] like the maps, got {tuple(masks.shape)}")
     return (p * masks).sum(dim=(-2, -1)) / (p.sum(dim=(-2, -1)) + 1e-12)
 
 
-def entropy(maps: torch.Tensor, method: str = "") -> torch.Tensor:
-    """Complexity: Shannon entropy in bits of ``P / ΣP`` per map (``0 log 0 = 0``; all-zero P gives 0)."""
-    p = positive(maps, method).flatten(-2).double()
+def entropy(maps: torch.Tensor, smoothing: str | None = None) -> torch.Tensor:
+    """Complexity: Shannon entropy in bits of ``P / ΣP`` per map (``0 log 0 = 0``; all-zero P gives 0).
+
+    ``P`` uses the 5x5 mean filter for every method, as the official code (``smoothing`` overrides it).
+    """
+    p = positive(maps, "", "entropy", smoothing).flatten(-2).double()
     q = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-300)
     return -(torch.where(q > 0, q * torch.log2(q.clamp_min(1e-300)), torch.zeros_like(q))).sum(-1).float()
 

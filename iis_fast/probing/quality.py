@@ -1,4 +1,5 @@
-"""``attribution_quality``: attribution maps of a model with a probe head, scored by docs/spec.md §2.2 metrics."""
+"""``attribution_quality``: attribution maps of a model with a probe head, scored by the metrics of docs/spec.md
+§2.2."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import IISInputError
-from .attribution import METHODS, as_probed, attribute
+from .attribution import METHODS, as_probed, make_attribution
 from .grids import GridSet, make_grids
 from .heads import BcosProbe
 from .metrics import boxes_to_mask, energy_pointing_game, entropy, gini, grid_pointing_game
@@ -46,7 +47,9 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
                         methods: str | Sequence[str] = ("ixg", "gradcam", "ig"),
                         metrics: str | Sequence[str] = ("gridpg", "entropy", "gini"), *, grid_size: int = 3,
                         n_grids: int = 8, seed: int = 0, threshold: float = 0.95, grids: GridSet | None = None,
-                        boxes: Sequence[Sequence[Sequence[float]]] | None = None, ig_steps: int = 20,
+                        boxes: Sequence[Sequence[Sequence[float]]] | None = None, ig_steps: int = 50,
+                        ig_method: str = "gausslegendre", gradcam_layer: str | nn.Module = "last_conv",
+                        gradcam_relu: bool = False, explanation_mode: bool = False, smoothing: str | None = None,
                         batched: bool = True, return_maps: bool = False) -> AttributionQuality:
     """Attribution maps for each method and their quality metrics.
 
@@ -60,6 +63,10 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
 
     Methods: ``ixg``, ``gradcam``, ``ig``, ``bcos`` (B-cos heads only; asking for it on another head raises).
     See :mod:`iis_fast.probing.attribution`. ``batched=False`` computes one target at a time (same maps).
+    The defaults are the official code's: IG with 50 Gauss-Legendre nodes (``ig_steps``, ``ig_method``),
+    Grad-CAM on the last convolution without ReLU (``gradcam_layer``, ``gradcam_relu``), plain gradients
+    through B-cos heads (``explanation_mode``), and each metric's official smoothing (``smoothing`` =
+    ``"gaussian"`` or ``"mean5"`` forces one for GridPG, EPG and entropy).
     """
     meths = [methods] if isinstance(methods, str) else list(methods)
     mets = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -93,16 +100,18 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
     kept: dict[str, torch.Tensor] = {}
     for meth in meths:
         t0 = time.perf_counter()
-        a = attribute(model, inputs, targets, meth, batched=batched, ig_steps=ig_steps)
+        attr = make_attribution(meth, ig_steps=ig_steps, ig_method=ig_method, gradcam_layer=gradcam_layer,
+                                gradcam_relu=gradcam_relu, explanation_mode=explanation_mode)
+        a = attr(model, inputs, targets, batched=batched)
         speed[meth] = a.shape[0] * a.shape[1] / max(time.perf_counter() - t0, 1e-9)
         vals: dict[str, torch.Tensor] = {}
         for met in mets:
             if met == "gridpg":
-                vals[met] = grid_pointing_game(a, torch.arange(g * g).expand(a.shape[0], -1), g, meth)
+                vals[met] = grid_pointing_game(a, torch.arange(g * g).expand(a.shape[0], -1), g, meth, smoothing)
             elif met == "epg":
-                vals[met] = energy_pointing_game(a, masks, meth)
+                vals[met] = energy_pointing_game(a, masks, meth, smoothing)
             elif met == "entropy":
-                vals[met] = entropy(a, meth)
+                vals[met] = entropy(a, smoothing)
             else:
                 vals[met] = gini(a)
         per_map[meth] = vals
