@@ -10,8 +10,9 @@ count, so GFLOP/s compare like with like; "% matmul" is against fp32 torch.matmu
 
     OMP_NUM_THREADS=2 python bench/bench_grid.py                 # full (reference: 1 epoch, others: 2)
     OMP_NUM_THREADS=2 python bench/bench_grid.py --repeats 3     # noisy machine: interleave, keep the fastest
-    python bench/bench_grid.py --render bench/results/grid.json  # rebuild the tables from a saved run
     OMP_NUM_THREADS=2 python bench/bench_grid.py --quick         # small N, for a smoke run
+
+A full run writes bench/results/grid.json and re-renders the docs' `bench_grid` sections (bench/render_docs.py).
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ from iis_fast.ops import available_backends, resolve_backend  # noqa: E402
 
 D, M, BATCH, EVAL_N = 1280, 200, 1024, {"small": 10_000, "large": 5_000}
 REGIMES = {"small": (50_000, 10), "large": (20_000, 1000)}
-MD_BEGIN, MD_END = "<!-- bench_grid:begin -->", "<!-- bench_grid:end -->"
 
 
 def cpu_name() -> str:
@@ -205,33 +205,6 @@ def finalize(res: dict) -> dict:
     return res
 
 
-def markdown(res: dict) -> str:
-    peak = res.get("matmul_peak_gflops", res["matmul_gflops"]["torch.matmul"])
-    lines = [f"Machine: {res['machine']['cpu']}, {res['machine']['logical_cpus']} logical CPUs, "
-             f"{res['machine']['threads']} threads, torch {res['machine']['torch']}, git {res['git']}. "
-             f"fp32 matmul (1024x1280x3000) in the same run, best of start and end: "
-             + ", ".join(f"{k} {v:.1f}" for k, v in res["matmul_gflops"].items())
-             + f" GFLOP/s; **{peak:.1f} GFLOP/s** is the bar for % of matmul.",
-             "", f"Command: `{res['command']}`", "",
-             f"Each backend timed {max(r.get('repeats', 1) for r in res['regimes'].values())} time(s), "
-             "interleaved; the fastest repeat is shown.", "",
-             "| regime | backend | epochs timed | s / epoch | 30 epochs (extrapolated) | needed GFLOP/s | % of matmul "
-             "| time / cpp's | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for regime, r in res["regimes"].items():
-        label = f"{regime} (N={r['N']:,}, K={r['K']})"
-        for name, b in r["backends"].items():
-            if "error" in b:
-                lines.append(f"| {label} | {name} | failed: {b['error']} | | | | | | |")
-                continue
-            ratio = r.get("speedup_of_cpp", {}).get(name)
-            lines.append(f"| {label} | {name} | {b['epochs']} | {b['per_epoch_s']:.3f} | "
-                         f"{b['extrapolated_30_epochs_s']:.1f} s | {b['gflops']:.1f} | {b['pct_matmul']:.1f}% | "
-                         f"{'' if ratio is None else f'{ratio:.1f}x'} | {b['loadavg_1min'][0]:.1f}->"
-                         f"{b['loadavg_1min'][1]:.1f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=2, help="epochs timed for torch/cpp/triton (default 2)")
@@ -243,28 +216,16 @@ def main(argv=None) -> None:
                     help="time every backend this many times, interleaved; the fastest repeat is reported")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/grid.json, grid_quick.json)")
-    ap.add_argument("--md", default=f"{ROOT / 'docs' / 'kernels_cpu.md'},{ROOT / 'README.md'}",
-                    help="comma-separated Markdown files whose bench_grid block is rewritten ('' = none)")
-    ap.add_argument("--render", default=None, metavar="JSON",
-                    help="no timing: rebuild the Markdown table (and % of matmul) from an earlier run's JSON")
     args = ap.parse_args(argv)
-    if args.render:
-        res = finalize(json.loads(Path(args.render).read_text()))
-        args.out = args.out or args.render
-    else:
-        res = run(args)
-    out = Path(args.out or ROOT / "bench" / "results" / ("grid_quick.json" if args.quick else "grid.json"))
+    res = run(args)
+    default = ROOT / "bench" / "results" / ("grid_quick.json" if args.quick else "grid.json")
+    out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    table = markdown(res)
-    print("\n" + table)
-    for md in [Path(p) for p in args.md.split(",") if p] if not args.quick else []:
-        text = md.read_text() if md.exists() else f"# CPU kernels\n\n{MD_BEGIN}\n{MD_END}\n"
-        if MD_BEGIN in text and MD_END in text:
-            head, rest = text.split(MD_BEGIN, 1)
-            text = head + MD_BEGIN + "\n" + table + "\n" + MD_END + rest.split(MD_END, 1)[1]
-            md.write_text(text)
     print(f"\nwrote {out}")
+    if out == default and not args.quick:
+        import render_docs
+        render_docs.main([])
 
 
 if __name__ == "__main__":
