@@ -85,7 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"model": n, "seconds": t, **r.to_dict()} for n, r, t in rows], f, indent=1)
+            json.dump([{**r.to_dict(), "model": n, "seconds": t} for n, r, t in rows], f, indent=1)
     return 0
 
 
