@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import torch
 
 from .errors import IISInputError
 
@@ -11,6 +15,17 @@ DEFAULT_SPARSITIES: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.9
 DEFAULT_LRS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 LIBRARIES = ("prototype", "cluster", "end2end", "text")
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
+#: Fields that hold whole numbers: 2.5 epochs is refused, 30.0 is read as 30.
+INT_FIELDS: tuple[str, ...] = ("num_concepts", "epochs", "batch_size", "seed", "images_per_class", "max_elements",
+                               "extract_batch_size")
+
+
+def whole_number(name: str, value: Any) -> int:
+    """``value`` as an int, or IISInputError naming ``name`` when it is not a whole number (bools refused too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value):
+        raise IISInputError(f"{name}={value!r}: must be a whole number")
+    return int(value)
 
 
 REPRODUCE = (None, "official")
@@ -60,6 +75,13 @@ class IISConfig:
         self.sparsities = tuple(float(s) for s in self.sparsities)
         self.lrs = tuple(float(v) for v in self.lrs)
         self._resolve_preset()
+        for name in INT_FIELDS:
+            setattr(self, name, whole_number(name, getattr(self, name)))
+        try:
+            torch.device(self.device)           # the name only: whether it exists is checked where work runs
+        except (RuntimeError, TypeError, ValueError):
+            raise IISInputError(f"device={self.device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1', "
+                                "'mps', ...") from None
         self.validate()
 
     def _resolve_preset(self) -> None:
@@ -87,8 +109,14 @@ class IISConfig:
                 raise IISInputError(f"sparsity {s} is outside [0, 1): every sparsity s must satisfy 0 <= s < 1")
         if len(set(self.sparsities)) != len(self.sparsities):
             raise IISInputError(f"sparsities {self.sparsities} contain duplicates")
-        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
-            raise IISInputError(f"lrs={self.lrs}: give at least one positive learning rate")
+        if not self.lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.lrs):
+            raise IISInputError(f"lrs={self.lrs}: give at least one learning rate, each positive and finite")
+        if isinstance(self.lr_decay, bool) or not isinstance(self.lr_decay, numbers.Real) \
+                or not 0.0 < self.lr_decay <= 1.0:
+            raise IISInputError(f"lr_decay={self.lr_decay!r}: must be in (0, 1] (the learning rate is multiplied by "
+                                "it after every epoch; 1 keeps it constant)")
+        for name in INT_FIELDS:
+            whole_number(name, getattr(self, name))
         if self.num_concepts < 2:
             raise IISInputError(f"num_concepts={self.num_concepts}: need at least 2 concepts")
         for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size"):

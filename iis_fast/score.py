@@ -11,10 +11,11 @@ import torch
 
 from .config import IISConfig
 from .errors import IISInputError
-from .heads.common import GridSpec, best_epoch_choice
+from .heads.common import AssignmentSpec, GridSpec, best_epoch_choice
 from .ops import get_trainer
-from .result import IISResult, iis_from_curve
-from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes
+from .result import IISResult, chance_warning, iis_from_curve, warn_all
+from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes, check_device, \
+    check_images_per_class, expect_channels, infer_num_classes, input_channels
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int, protect: np.ndarray | None = None
@@ -60,7 +61,9 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     Args:
         train_x, train_y: training features [N, D] and integer labels [N].
         eval_x, eval_y: evaluation features [N_e, D] and labels [N_e].
-        concepts: concept matrix C [M, D] (rows are L2-normalised here if they are not).
+        concepts: concept matrix C [M, D] (rows are L2-normalised here if they are not). With
+            ``library="end2end"``: the element matrix E [E, D] (e.g. :func:`iis_fast.concepts.end2end_elements`),
+            from which every head learns its own ``num_concepts`` concepts (docs/spec.md §1.2).
         num_classes: K (default: 1 + the largest label seen).
         **options: any :class:`IISConfig` field (sparsities, lrs, epochs, batch_size, seed, backend, device, ...).
     Returns:
@@ -76,15 +79,22 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
         raise IISInputError(f"eval_x has D = {eval_x.shape[1]} but train_x has D = {train_x.shape[1]}")
     train_y = as_labels(train_y, train_x.shape[0], "train_y", num_classes)
     eval_y = as_labels(eval_y, eval_x.shape[0], "eval_y", num_classes)
-    k = int(num_classes) if num_classes is not None else int(max(train_y.max(), eval_y.max()).item()) + 1
+    k = infer_num_classes(train_y, eval_y, num_classes)
     check_classes(train_y, eval_y, k)
     c = as_concepts(concepts, train_x.shape[1])
     c = torch.nn.functional.normalize(c, dim=1)
-    m = c.shape[0]
+    assignment = None
+    if cfg.library == "end2end":            # c is the element matrix E; each head learns its own C (§1.2)
+        m = cfg.num_concepts
+        if c.shape[0] < m:
+            raise IISInputError(f"end2end needs at least num_concepts={m} elements, got {c.shape[0]}")
+        assignment = AssignmentSpec(m, stochastic_eval=cfg.end2end_eval == "stochastic")
+    else:
+        m = c.shape[0]
     cfg.num_concepts = m
     cfg.validate()
 
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device)
     store = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
     x_tr, y_tr = train_x, train_y
     if cfg.selection == "holdout":
@@ -100,8 +110,8 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     eval_sets = [(to(a), to(b)) for a, b in eval_sets]
 
     spec = GridSpec(num_classes=k, sparsities=cfg.sparsities, lrs=cfg.lrs, epochs=cfg.epochs,
-                    batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, seed=cfg.seed)
-    backend, trainer = get_trainer(cfg.backend, cfg.device)
+                    batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, seed=cfg.seed, assignment=assignment)
+    backend, trainer = get_trainer(cfg.backend, cfg.device, end2end=assignment is not None)
     stats["validate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     bar = None
@@ -124,14 +134,17 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     acc_std = float(rep_p.max())
     acc = [float(v) for v in rep_h.max(axis=1)]
     arr = [a / acc_std if acc_std > 0 else 0.0 for a in acc]
+    iis = iis_from_curve(cfg.sparsities, arr)
+    notes = [w for w in (chance_warning(acc_std, iis, eval_y.numpy(), k),) if w]
+    warn_all(notes)
     return IISResult(
-        iis=iis_from_curve(cfg.sparsities, arr), acc_std=acc_std, sparsities=list(cfg.sparsities), acc=acc, arr=arr,
+        iis=iis, acc_std=acc_std, sparsities=list(cfg.sparsities), acc=acc, arr=arr,
         lrs=list(cfg.lrs), acc_std_per_lr=[float(v) for v in rep_p], acc_per_lr=rep_h.tolist(),
         best_epoch_std=best_p.tolist(), best_epoch=best_h.tolist(), num_concepts=m, library=meta.get("library", cfg.library),
         seed=cfg.seed, backend=backend, eval_split=meta.get("eval_split", "eval"), selection_split=selection_split,
         n_train=int(x_tr.shape[0]), n_eval=int(eval_x.shape[0]), num_classes=k, feature_dim=int(train_x.shape[1]),
         config=cfg.to_dict(), versions=library_versions(), timings={k_: round(v, 4) for k_, v in stats.items()},
-        model=meta.get("model", ""),
+        model=meta.get("model", ""), warnings=notes,
     )
 
 
@@ -195,6 +208,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
             isinstance(loader, (str, os.PathLike)) or hasattr(loader, "__iter__")):
         raise IISInputError(f"loader must be an iterable of (images, labels) batches or a data spec (.beton file, "
                             f"image folder, 'fashion-mnist'), got {type(loader).__name__}")
+    check_device(cfg.device)
     net, model_name = _resolve_model(model, checkpoint, checkpoint_key, model_kwargs)
     net = net.to(cfg.device).eval()
     pre = _preprocessing(net, image_mean, image_std, image_size)
@@ -204,15 +218,17 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
         representation_fn
     loader, eval_loader = resolve_data(loader, eval_loader, pre, cache_dir=cfg.cache_dir or default_cache_dir(),
                                        batch_size=cfg.extract_batch_size, device=cfg.device)
-    embed = representation_fn(net, layer)
+    embed = expect_channels(representation_fn(net, layer), input_channels(net), model_name)
     cache = FeatureCache(cfg.cache_dir)
     mfp = model_fingerprint(net, layer)
     timings["model"] = time.perf_counter() - t
 
     def features_of(split_loader: Any, name: str, keep: int) -> tuple[Any, Any]:
         t0 = time.perf_counter()
-        key = cache.key("features", mfp, data_fingerprint(split_loader))
-        hit = cache.get(key)
+        # the kept concept-source images are part of the entry: another images_per_class is another entry
+        key = cache.key("features", mfp, data_fingerprint(split_loader), f"keep={keep}")
+        needed = ("x", "y", "src_images", "src_labels", "src_index") if keep else ("x", "y")
+        hit = cache.get(key, required=needed)
         timings[f"fingerprint_{name}"] = time.perf_counter() - t0
         if hit is not None:
             timings[f"extract_{name}"] = 0.0
@@ -227,10 +243,12 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
                           src_index=ex.source_index)
         cache.put(key, arrays, {"model": model_name, "split": name})
         timings[f"extract_{name}"] = time.perf_counter() - t0
-        return key, cache.get(key)
+        return key, cache.get(key, required=needed) or arrays
 
     train_key, train = features_of(loader, "train", cfg.images_per_class)
     x_all, y_all = train["x"], train["y"]
+    if cfg.library != "text":
+        check_images_per_class(np.asarray(y_all), cfg.images_per_class)
     if eval_loader is not None:
         _, ev = features_of(eval_loader, "eval", 0)
         tr_idx = np.arange(len(y_all))

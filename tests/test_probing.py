@@ -130,6 +130,43 @@ def test_linear_head_per_position_equals_pooling_first():
     assert not torch.allclose(mlp(f), mlp(f.mean((2, 3), keepdim=True)), atol=1e-4)  # MLPs need the map
 
 
+def test_bce_multi_hot_targets_and_official_off_values():
+    from iis_fast.probing.losses import official_bce_off
+    y = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    torch.testing.assert_close(bce_targets(y, 4), torch.tensor([[1.0, 0.25, 1.0, 0.25], [0.25, 0.25, 0.25, 1.0]]))
+    torch.testing.assert_close(bce_targets(y, 4, off=0.0), y)
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0], [1.0, 0.0, -0.5, 3.0]])
+    p = torch.sigmoid(logits)
+    manual = -(y * p.log() + (1 - y) * (1 - p).log()).mean()          # plain multi-hot BCE
+    assert bce_loss(logits, y, off=0.0).item() == pytest.approx(manual.item(), rel=1e-6)
+    # official: 1/C for single-label probing and for B-cos heads; 0 for linear / MLP heads on multi-label data
+    assert official_bce_off("linear", 20, False) == official_bce_off("bcos2", 20, True) == pytest.approx(0.05)
+    assert official_bce_off("mlp2_nobias", 20, True) == official_bce_off("linear", 20, True) == 0.0
+    with pytest.raises(IISInputError, match="ce"):
+        from iis_fast.probing import ce_loss
+        ce_loss(logits, y)
+
+
+@pytest.mark.parametrize("name, layers", [("linear_nobias", 1), ("mlp2_nobias", 2), ("mlp3_nobias", 3)])
+def test_bias_free_heads(name, layers):
+    """No conv biases (BatchNorm keeps its beta, as the official with_bias=False heads), logit bias -ln(C-1):
+    an all-zero feature map gives logits -ln(C-1), i.e. sigmoid probability 1/C for every class."""
+    torch.manual_seed(0)
+    head = make_head(name, 8, 5, hidden=6).eval()
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == layers and all(m.bias is None for m in convs)
+    assert head.logit_bias == pytest.approx(-math.log(4))
+    if layers == 1:
+        torch.testing.assert_close(head(torch.zeros(2, 8, 3, 3)), torch.full((2, 5), -math.log(4)))
+        torch.testing.assert_close(torch.sigmoid(head(torch.zeros(1, 8, 1, 1))), torch.full((1, 5), 0.2))
+    f = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(head(f), head.spatial_logits(f).mean((2, 3)) - math.log(4))
+    assert make_head(name, 8, 5, hidden=6, logit_bias=0.0).logit_bias == 0.0
+    assert make_head(name.removesuffix("_nobias"), 8, 5, hidden=6).logit_bias == 0.0    # biased heads: none
+    with pytest.raises(IISInputError, match="B-cos"):
+        make_head("bcos2_nobias", 8, 5)
+
+
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_bcos_completeness(layers):
     torch.manual_seed(layers)
@@ -315,6 +352,46 @@ def test_attribution_quality_real_grids(probed, fmnist_64):
     assert q.scores["bcos"]["gridpg"] > 1 / 9                # better than uniform over 9 cells
     with pytest.raises(IISInputError, match="B-cos head"):
         attribution_quality(lin, x, y, methods=("bcos",), grids=grids)
+
+
+def test_multilabel_probing_learns_and_reports_map(pretrained_mobilenet):
+    """Multi-hot labels: BCE only, official off values per head, mAP as scikit-learn's. Real features: MobileNetV2
+    maps of pairs of Fashion-MNIST test images of different classes side by side, labelled with both classes."""
+    from iis_fast.data.fashion_mnist import FashionMNIST
+    from iis_fast.models import preprocessing_config
+    from iis_fast.probing.spatial import SpatialMaps, extract_spatial
+    from iis_fast.probing.train import mean_average_precision, probe_maps
+    pre = preprocessing_config(pretrained_mobilenet)
+    ds = FashionMNIST("test", 48, pre["mean"], pre["std"], indices=range(640))
+    x = torch.stack([ds[i][0] for i in range(640)])
+    y = torch.as_tensor(ds.targets)
+    a, b = torch.arange(0, 640, 2), torch.arange(1, 640, 2)
+    keep = y[a] != y[b]
+    a, b = a[keep], b[keep]
+    pairs = torch.cat([x[a], x[b]], dim=3)                                # [N, 3, 48, 96]
+    hot = torch.nn.functional.one_hot(y[a], 10) + torch.nn.functional.one_hot(y[b], 10)
+    loader = [(pairs[i:i + 100], hot[i:i + 100]) for i in range(0, len(pairs), 100)]
+    maps = extract_spatial(pretrained_mobilenet, loader)
+    assert maps.labels.dtype == torch.float32 and maps.labels.shape == (len(pairs), 10)
+    n = len(maps) * 2 // 3
+    tr, ev = SpatialMaps(maps.maps[:n], maps.labels[:n]), SpatialMaps(maps.maps[n:], maps.labels[n:])
+    torch.manual_seed(0)
+    r = probe_maps(tr, ev, heads="linear,mlp2_nobias,bcos1", losses="bce", epochs=20, hidden=64, batch_size=50,
+                   lr={"linear": 3e-2, "default": 1e-3})
+    assert r.metric == "mAP" and r.num_classes == 10
+    assert r.config["bce_off"] == {"linear/bce": 0.0, "mlp2_nobias/bce": 0.0, "bcos1/bce": 0.1}
+    for k, v in r.accuracies.items():                                    # chance: ~0.2 (2 of 10 classes present)
+        assert v > 0.55, f"{k}: eval mAP {v:.3f}"
+    with torch.no_grad():
+        scores = r.heads["linear/bce"](ev.maps)
+    assert r.accuracies["linear/bce"] == pytest.approx(mean_average_precision(scores, ev.labels))
+    # average precision by hand: scores 0.9 (pos), 0.8 (neg), 0.7 (pos) -> (1/1 + 2/3) / 2
+    assert mean_average_precision(torch.tensor([[0.9], [0.8], [0.7]]), torch.tensor([[1.0], [0.0], [1.0]])) == \
+        pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(IISInputError, match="multi-label"):
+        probe_maps(tr, ev, heads="linear", losses="ce,bce", epochs=1)
+    with pytest.raises(IISInputError, match="0 or 1"):
+        SpatialMaps(tr.maps, tr.labels * 2)
 
 
 # ---------------------------------------------------------------- API surface

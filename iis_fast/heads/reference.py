@@ -33,6 +33,78 @@ class ConceptHead(nn.Module):
         return self.fc(z)
 
 
+class End2EndHead(nn.Module):
+    """The official ``End2End_IP`` head, literally (docs/spec.md §1.2): its own q [E, M] -> LayerNorm ->
+    ``gumbel_softmax(LN(q)/tau, tau=1, hard=True)`` -> C = normalize(Aᵀ·E) -> the concept head of §1.3.
+
+    ``noise`` is the Gumbel draw [E, M] of the next forward (set by the training loop); None evaluates with the
+    argmax of LN(q) instead.
+    """
+
+    def __init__(self, elements: torch.Tensor, num_concepts: int, num_classes: int, k: int, seed: int, si: int,
+                 tau: float):
+        super().__init__()
+        from .end2end import init_assignment
+        m = num_concepts
+        self.register_buffer("elements", F.normalize(elements.float(), dim=-1))
+        self.q = nn.Parameter(init_assignment(elements.shape[0], m, seed, si))
+        self.q_norm = nn.LayerNorm(m, eps=LN_EPS)
+        self.head = ConceptHead(torch.zeros(m, elements.shape[1]), num_classes, k, seed, 1 + si)
+        self.tau = tau
+        self.noise: torch.Tensor | None = None
+
+    def assignment(self) -> torch.Tensor:
+        ell = self.q_norm(self.q)
+        if self.noise is None:
+            return F.one_hot(ell.argmax(-1), ell.shape[-1]).float()
+        y_soft = (ell / self.tau + self.noise).softmax(-1)
+        index = y_soft.max(-1, keepdim=True)[1]
+        y_hard = torch.zeros_like(ell).scatter_(-1, index, 1.0)
+        return y_hard - y_soft.detach() + y_soft
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        concepts = F.normalize(self.assignment().T.matmul(self.elements), p=2, dim=-1)
+        z = self.head.norm(x @ concepts.T)
+        z = z * sparse_mask(z, self.head.k)
+        return self.head.fc(z)
+
+
+def train_end2end_head(head: End2EndHead, x: torch.Tensor, y: torch.Tensor,
+                       eval_sets: list[tuple[torch.Tensor, torch.Tensor]], lr: float, spec: GridSpec) -> np.ndarray:
+    """:func:`train_head` for an end2end head: a fresh noise draw per step; evaluation by argmax, or (official,
+    ``spec.assignment.stochastic_eval``) a fresh draw per evaluation batch of ``spec.batch_size`` rows."""
+    from .end2end import EVAL_COUNTER, TRAIN_STREAM, gumbel_noise
+    e, m = head.q.shape
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=spec.lr_decay)
+    acc = np.zeros((len(eval_sets), spec.epochs))
+    t = 0
+    for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
+        head.train()
+        for i in range(0, len(x), spec.batch_size):
+            t += 1
+            head.noise = gumbel_noise(e, m, spec.seed, TRAIN_STREAM, t)
+            idx = order[i:i + spec.batch_size]
+            loss = F.cross_entropy(head(x[idx].float()), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        head.eval()
+        for j, (ex, ey) in enumerate(eval_sets):
+            if not spec.assignment.stochastic_eval:
+                head.noise = None
+                acc[j, epoch] = accuracy(head, ex, ey)
+                continue
+            correct = 0
+            for b, i in enumerate(range(0, len(ex), spec.batch_size)):
+                head.noise = gumbel_noise(e, m, spec.seed, 1 + j, epoch * EVAL_COUNTER + b)
+                correct += accuracy(head, ex[i:i + spec.batch_size], ey[i:i + spec.batch_size]) * \
+                    len(ex[i:i + spec.batch_size])
+            acc[j, epoch] = correct / len(ex)
+    return acc
+
+
 def make_probe(in_dim: int, num_classes: int, seed: int) -> nn.Linear:
     """The standard probe Linear(D->K) (docs/spec.md §1.4)."""
     probe = nn.Linear(in_dim, num_classes)
@@ -78,15 +150,20 @@ def train_grid_reference(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple
     n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
     probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
     head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
-    ks = spec.ks(concepts.shape[0])
+    a = spec.assignment
+    ks = spec.ks(concepts.shape[0] if a is None else a.num_concepts)
     for li, lr in enumerate(spec.lrs):
         torch.manual_seed(spec.seed)
         probe_acc[:, li] = train_head(make_probe(x.shape[1], spec.num_classes, spec.seed), x, y, eval_sets, lr, spec)
         if progress is not None:
             progress.update(spec.epochs)
         for si, k in enumerate(ks):
-            head = ConceptHead(concepts, spec.num_classes, k, spec.seed, 1 + si)
-            head_acc[:, si, li] = train_head(head, x, y, eval_sets, lr, spec)
+            if a is None:
+                head = ConceptHead(concepts, spec.num_classes, k, spec.seed, 1 + si)
+                head_acc[:, si, li] = train_head(head, x, y, eval_sets, lr, spec)
+            else:       # concepts holds the element matrix E: the head learns its own assignment
+                head = End2EndHead(concepts, a.num_concepts, spec.num_classes, k, spec.seed, si, a.tau)
+                head_acc[:, si, li] = train_end2end_head(head, x, y, eval_sets, lr, spec)
             if progress is not None:
                 progress.update(spec.epochs)
     return GridOutput(probe_acc, head_acc, backend="reference")

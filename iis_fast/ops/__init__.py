@@ -18,14 +18,16 @@ class Backend:
     trainer: Callable
     available: Callable[[str], tuple[bool, str]]   # device -> (ok, reason if not)
     rank: int                                       # lower is faster; "auto" takes the lowest available
+    end2end: bool = False                           # trains end2end grids (per-head concepts, docs/spec.md §1.2)
 
 
 _REGISTRY: dict[str, Backend] = {}
 _LOADED = False
 
 
-def register_backend(name: str, trainer: Callable, available: Callable[[str], tuple[bool, str]], rank: int) -> None:
-    _REGISTRY[name] = Backend(name, trainer, available, rank)
+def register_backend(name: str, trainer: Callable, available: Callable[[str], tuple[bool, str]], rank: int,
+                     end2end: bool = False) -> None:
+    _REGISTRY[name] = Backend(name, trainer, available, rank, end2end)
 
 
 def _load_builtin() -> None:
@@ -36,8 +38,8 @@ def _load_builtin() -> None:
     _LOADED = True
     from ..heads.reference import train_grid_reference
     from ..heads.batched import train_grid_torch
-    register_backend("reference", train_grid_reference, lambda device: (True, ""), rank=100)
-    register_backend("torch", train_grid_torch, lambda device: (True, ""), rank=50)
+    register_backend("reference", train_grid_reference, lambda device: (True, ""), rank=100, end2end=True)
+    register_backend("torch", train_grid_torch, lambda device: (True, ""), rank=50, end2end=True)
     # Fused backends register themselves from their own modules if they import.
     for mod in ("iis_fast.ops.cpp_backend", "iis_fast.ops.triton_backend"):
         try:
@@ -57,23 +59,27 @@ def available_backends(device: str = "cpu") -> dict[str, str]:
     return out
 
 
-def resolve_backend(name: str, device: str = "cpu") -> Backend:
-    """The backend `name` ("auto": the fastest available for `device`), or a clear error."""
+def resolve_backend(name: str, device: str = "cpu", end2end: bool = False) -> Backend:
+    """The backend `name` ("auto": the fastest available for `device`), or a clear error. With ``end2end``, only
+    backends that train end2end grids qualify."""
     _load_builtin()
     if name == "auto":
         for b in sorted(_REGISTRY.values(), key=lambda b: b.rank):
-            if b.available(device)[0]:
+            if b.available(device)[0] and (b.end2end or not end2end):
                 return b
-        raise BackendUnavailable(f"no backend can run on device {device!r}")
+        raise BackendUnavailable(f"no backend can run {'an end2end grid ' if end2end else ''}on device {device!r}")
     if name not in _REGISTRY:
         raise IISInputError(f"backend={name!r}: known backends are {sorted(_REGISTRY)} (or 'auto')")
     b = _REGISTRY[name]
+    if end2end and not b.end2end:
+        raise BackendUnavailable(f"backend {name!r} does not train end2end grids (every head learning its own "
+                                 f"concepts); use one of {sorted(n for n, x in _REGISTRY.items() if x.end2end)}")
     ok, why = b.available(device)
     if not ok:
         raise BackendUnavailable(f"backend {name!r} cannot run on {device!r}: {why}")
     return b
 
 
-def get_trainer(name: str, device: str = "cpu") -> tuple[str, Callable]:
-    b = resolve_backend(name, device)
+def get_trainer(name: str, device: str = "cpu", end2end: bool = False) -> tuple[str, Callable]:
+    b = resolve_backend(name, device, end2end)
     return b.name, b.trainer

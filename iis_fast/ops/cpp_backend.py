@@ -155,6 +155,8 @@ def grid_step(grid: CppGrid, x, ahat, y, idx, lr_scale: float = 1.0) -> dict:
 def train_grid_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
                    concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
     """Train the whole grid with the fused C++ kernels (same result as backend='torch' up to float rounding)."""
+    if spec.assignment is not None:
+        return train_end2end_cpp(x, y, eval_sets, concepts, spec, progress)
     t0 = time.perf_counter()
     xs = _features(x, "x")
     n, d = xs.shape
@@ -183,4 +185,69 @@ def train_grid_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch
     return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
 
 
-register_backend("cpp", train_grid_cpp, available, rank=10)
+def train_end2end_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
+                      elements: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
+    """The end2end grid (docs/spec.md §1.2): every head's C_h and its projection in torch, the probes and heads in
+    the fused C++ step fed per-head projections, and the backward into q through torch's autograd from the
+    kernel's d loss / d ahat.
+
+    Per step and head: the segment sum C_h, ahat_h = LN(x_b·C_hᵀ) [nb, M] (torch), the head step (C++: affine,
+    threshold, mask, GEMM, CE, backward, Adam, and d ahat_h), then autograd from ahat_h back to q_h, whose
+    element-side product E·dPᵀ is one [E x D] x [D x H·M] GEMM for the whole grid; Adam on q, γ_q, β_q (torch).
+    """
+    from ..heads.end2end import (TRAIN_STREAM, AssignParams, evaluate_end2end, gumbel_noise, head_projection,
+                                 train_concepts)
+    t0 = time.perf_counter()
+    a = spec.assignment
+    xs = _features(x, "x")
+    n, d = xs.shape
+    es = torch.from_numpy(_features(elements, "elements", d))
+    es = torch.nn.functional.normalize(es, dim=1)
+    ys = _labels(y, n, spec.num_classes, "y")
+    evals = []
+    for j, (ex, ey) in enumerate(eval_sets):
+        exs = _features(ex, f"eval_sets[{j}] x", d)
+        evals.append((exs, _labels(ey, len(exs), spec.num_classes, f"eval_sets[{j}] y")))
+    g = CppGrid(d, a.num_concepts, spec)
+    assign = AssignParams(es.shape[0], spec)
+    xt = torch.from_numpy(xs)
+    e, m, h = es.shape[0], a.num_concepts, assign.q.shape[0]
+    t_assign = [0.0, 0.0]   # seconds in the torch forward (C_h, projections) and backward into q
+
+    def step(idx: np.ndarray, lr_scale: float) -> None:
+        t1 = time.perf_counter()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in assign.tensors().items()}
+        noise = gumbel_noise(e, m, spec.seed, TRAIN_STREAM, g.grid.t + 1)
+        c = train_concepts(leaves["q"], leaves["gq"], leaves["bq"], es, noise, a.tau)
+        ahat = head_projection(xt[torch.from_numpy(idx)], c)                          # [H, nb, M]
+        ahat_np = np.ascontiguousarray(ahat.detach().numpy())
+        dahat = np.empty_like(ahat_np)
+        t2 = time.perf_counter()
+        g.grid.step(xs, ahat_np, ys, idx, lr_scale, None, dahat)
+        t3 = time.perf_counter()
+        grads = torch.autograd.grad(ahat, list(leaves.values()), grad_outputs=torch.from_numpy(dahat))
+        assign.adam_step(dict(zip(leaves, grads)), g.grid.t, lr_scale)
+        t_assign[0] += t2 - t1
+        t_assign[1] += time.perf_counter() - t3
+
+    calls = [0] * len(evals)
+
+    def counts(xb: torch.Tensor, yb: torch.Tensor, concepts: torch.Tensor):
+        ahat = np.ascontiguousarray(head_projection(xb, concepts).numpy())
+        cp, ch = g.grid.evaluate(xb.numpy(), ahat, yb.numpy())
+        return cp, ch
+
+    def evaluate(j: int):
+        ex, ey = evals[j]
+        calls[j] += 1
+        return evaluate_end2end(torch.from_numpy(ex), torch.from_numpy(ey), es, assign, spec, j, calls[j] - 1,
+                                counts, chunk=2048)
+
+    probe_acc, head_acc, timings = train_epochs(n, spec, len(evals), step, evaluate, progress=progress,
+                                                prepare_order=lambda o: o.numpy())
+    timings.update(assign_forward=t_assign[0], assign_backward=t_assign[1], total=time.perf_counter() - t0,
+                   heads=float(h), elements=float(e))
+    return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
+
+
+register_backend("cpp", train_grid_cpp, available, rank=10, end2end=True)

@@ -1,14 +1,18 @@
 """Probe heads (docs/spec.md §2.1) acting at every spatial position of a frozen backbone's last feature map.
 
 Every head maps a feature map ``[B, D, h, w]`` to per-position logits ``[B, C, h, w]`` with 1x1 convolutions and
-returns their mean over positions (plus, for B-cos heads, a fixed logit bias):
+returns their mean over positions plus a fixed logit bias (0 for heads with biases, ``-ln(C - 1)`` for bias-free
+ones, so that an all-zero output gives sigmoid probability 1/C):
 
 - :class:`LinearProbe`: one 1x1 conv (for this head, averaging per-position logits equals pooling first);
 - :class:`MLPProbe`: 2 or 3 layers, hidden 2048, BatchNorm + ReLU between layers, no BN after the last;
-- :class:`BcosProbe`: 1 to 3 B-cos layers (B = 2), bias-free uncentred BatchNorm between layers, no ReLU,
-  logit bias ``-ln(C - 1)``; :meth:`BcosProbe.contributions` gives the exact per-position contribution maps.
+- both also bias-free (``bias=False``: the convolutions have no bias; the BatchNorms keep theirs, as the
+  official ``with_bias=False`` heads);
+- :class:`BcosProbe`: 1 to 3 B-cos layers (B = 2), bias-free uncentred BatchNorm between layers, no ReLU;
+  :meth:`BcosProbe.contributions` gives the exact per-position contribution maps.
 
-:func:`make_head` builds one from a name (``linear``, ``mlp2``, ``mlp3``, ``bcos1``, ``bcos2``, ``bcos3``).
+:func:`make_head` builds one from a name (``linear``, ``mlp2``, ``mlp3``, ``bcos1``, ``bcos2``, ``bcos3``, and
+``linear_nobias``, ``mlp2_nobias``, ``mlp3_nobias`` for the bias-free linear and MLP heads).
 """
 from __future__ import annotations
 
@@ -62,13 +66,28 @@ class SpatialHead(nn.Module):
         return out + self.logit_bias if self.logit_bias else out
 
 
-class LinearProbe(SpatialHead):
-    """A linear probe as a 1x1 conv (weight ``[C, D, 1, 1]``, bias ``[C]``), logits averaged over positions."""
+def _logit_bias(bias: bool, num_classes: int, logit_bias: float | None) -> float:
+    """The fixed logit bias: ``logit_bias`` if given, else 0 with biases and ``-ln(C - 1)`` without."""
+    if logit_bias is not None:
+        return float(logit_bias)
+    if bias:
+        return 0.0
+    if num_classes < 2:
+        raise IISInputError(f"num_classes must be >= 2 for a bias-free head (logit bias -ln(C-1)), got {num_classes}")
+    return float(-math.log(num_classes - 1))
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+
+class LinearProbe(SpatialHead):
+    """A linear probe as a 1x1 conv (weight ``[C, D, 1, 1]``, bias ``[C]``), logits averaged over positions.
+
+    With ``bias=False`` the conv has no bias and the logits get the fixed ``logit_bias`` (default ``-ln(C - 1)``).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = True, logit_bias: float | None = None) -> None:
         super().__init__()
-        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
-        self.fc = nn.Conv2d(self.in_channels, self.num_classes, kernel_size=1)
+        self.in_channels, self.num_classes, self.bias = int(in_channels), int(num_classes), bool(bias)
+        self.logit_bias = _logit_bias(self.bias, self.num_classes, logit_bias)
+        self.fc = nn.Conv2d(self.in_channels, self.num_classes, kernel_size=1, bias=self.bias)
 
     def spatial_logits(self, fmap: torch.Tensor) -> torch.Tensor:
         """Per-position logits ``W x(i, j) + b``."""
@@ -76,19 +95,26 @@ class LinearProbe(SpatialHead):
 
 
 class MLPProbe(SpatialHead):
-    """An MLP probe of ``layers`` 1x1 convs: ``conv -> BN -> ReLU -> ... -> conv`` (no BN after the last)."""
+    """An MLP probe of ``layers`` 1x1 convs: ``conv -> BN -> ReLU -> ... -> conv`` (no BN after the last).
 
-    def __init__(self, in_channels: int, num_classes: int, layers: int = 2, hidden: int = 2048) -> None:
+    With ``bias=False`` the convs have no bias (the BatchNorms keep their affine β) and the logits get the fixed
+    ``logit_bias`` (default ``-ln(C - 1)``).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, layers: int = 2, hidden: int = 2048, bias: bool = True,
+                 logit_bias: float | None = None) -> None:
         super().__init__()
         if layers < 2:
             raise IISInputError(f"layers must be >= 2 for an MLP probe (use LinearProbe for 1), got {layers}")
         self.in_channels, self.num_classes, self.layers, self.hidden = int(in_channels), int(num_classes), layers, hidden
+        self.bias = bool(bias)
+        self.logit_bias = _logit_bias(self.bias, self.num_classes, logit_bias)
         mods: list[nn.Module] = []
         c = self.in_channels
         for _ in range(layers - 1):
-            mods += [nn.Conv2d(c, hidden, kernel_size=1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            mods += [nn.Conv2d(c, hidden, kernel_size=1, bias=self.bias), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
             c = hidden
-        mods.append(nn.Conv2d(c, self.num_classes, kernel_size=1))
+        mods.append(nn.Conv2d(c, self.num_classes, kernel_size=1, bias=self.bias))
         self.net = nn.Sequential(*mods)
 
     def spatial_logits(self, fmap: torch.Tensor) -> torch.Tensor:
@@ -207,21 +233,28 @@ def explanation_mode(head: nn.Module) -> Iterator[nn.Module]:
         yield head
 
 
-def make_head(name: str, in_channels: int, num_classes: int, hidden: int = 2048) -> SpatialHead:
+def make_head(name: str, in_channels: int, num_classes: int, hidden: int = 2048,
+              logit_bias: float | None = None) -> SpatialHead:
     """Build a head by name: ``linear``, ``mlp2``/``mlp3``, ``bcos1``/``bcos2``/``bcos3`` (any depth >= 1 for
-    ``bcosN``, >= 2 for ``mlpN``). ``hidden`` is the width of hidden layers (default 2048, as the paper)."""
-    m = re.fullmatch(r"(linear|mlp|bcos)(\d*)", str(name))
+    ``bcosN``, >= 2 for ``mlpN``); the suffix ``_nobias`` gives a bias-free linear / MLP head (``linear_nobias``,
+    ``mlp2_nobias``). ``hidden`` is the width of hidden layers (default 2048, as the paper). ``logit_bias``
+    overrides the fixed logit bias of bias-free and B-cos heads (default ``-ln(C - 1)``)."""
+    m = re.fullmatch(r"(linear|mlp|bcos)(\d*)(_nobias)?", str(name))
     if m is None:
-        raise IISInputError(f"heads: unknown head {name!r}; use linear, mlp2, mlp3, bcos1, bcos2 or bcos3")
-    kind, depth = m.group(1), int(m.group(2) or 1)
+        raise IISInputError(f"heads: unknown head {name!r}; use linear, mlp2, mlp3, bcos1, bcos2 or bcos3, or "
+                            "linear_nobias, mlp2_nobias, mlp3_nobias")
+    kind, depth, bias = m.group(1), int(m.group(2) or 1), m.group(3) is None
     if in_channels < 1 or num_classes < 2:
         raise IISInputError(f"in_channels must be >= 1 and num_classes >= 2, got {in_channels}, {num_classes}")
+    lb = None if bias else logit_bias
     if kind == "linear":
         if depth != 1:
             raise IISInputError(f"heads: {name!r}: a linear head has one layer; use mlp{depth} for a deeper one")
-        return LinearProbe(in_channels, num_classes)
+        return LinearProbe(in_channels, num_classes, bias=bias, logit_bias=lb)
     if kind == "mlp":
         if depth < 2:
             raise IISInputError(f"heads: {name!r}: an MLP head needs >= 2 layers (mlp2, mlp3)")
-        return MLPProbe(in_channels, num_classes, layers=depth, hidden=hidden)
-    return BcosProbe(in_channels, num_classes, layers=depth, hidden=hidden)
+        return MLPProbe(in_channels, num_classes, layers=depth, hidden=hidden, bias=bias, logit_bias=lb)
+    if not bias:
+        raise IISInputError(f"heads: {name!r}: B-cos heads have no biases already; use bcos{depth}")
+    return BcosProbe(in_channels, num_classes, layers=depth, hidden=hidden, logit_bias=logit_bias)

@@ -45,7 +45,8 @@ def spatial_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SpatialMaps:
-    """Cached last-stage maps of a dataset: ``maps`` float32 ``[N, D, h, w]`` and ``labels`` int64 ``[N]``."""
+    """Cached last-stage maps of a dataset: ``maps`` float32 ``[N, D, h, w]`` and ``labels``: class ids int64 ``[N]``
+    or, for multi-label data, multi-hot float32 ``[N, C]``."""
 
     maps: torch.Tensor
     labels: torch.Tensor
@@ -56,8 +57,11 @@ class SpatialMaps:
     def __post_init__(self) -> None:
         if self.maps.dim() != 4:
             raise IISInputError(f"maps must be [N, D, h, w], got {tuple(self.maps.shape)}")
-        if self.labels.dim() != 1 or self.labels.shape[0] != self.maps.shape[0]:
-            raise IISInputError(f"labels must be [N] with N = {self.maps.shape[0]}, got {tuple(self.labels.shape)}")
+        if self.labels.dim() not in (1, 2) or self.labels.shape[0] != self.maps.shape[0]:
+            raise IISInputError(f"labels must be [N] class ids or [N, C] multi-hot with N = {self.maps.shape[0]}, got "
+                                f"{tuple(self.labels.shape)}")
+        if self.labels.dim() == 2 and not ((self.labels == 0) | (self.labels == 1)).all():
+            raise IISInputError("multi-hot labels [N, C] must be 0 or 1")
         if not torch.isfinite(self.maps).all():
             raise IISInputError("maps contain NaN or inf; check the backbone and the input preprocessing")
 
@@ -78,6 +82,8 @@ def model_digest(model: nn.Module) -> str:
 def extract_spatial(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
                     cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> SpatialMaps:
     """Run the frozen backbone once over ``loader`` (``(images, labels)`` batches) and keep the spatial maps.
+
+    Labels are class ids ``[B]`` or multi-hot ``[B, C]`` (multi-label data).
 
     With ``cache_dir`` and a dataset that has a ``fingerprint`` (e.g. :class:`iis_fast.data.FashionMNIST`), the
     maps are stored as ``<cache_dir>/spatial-<model digest>-<fingerprint>.pt`` and read back on later calls.
@@ -102,7 +108,8 @@ def extract_spatial(model: nn.Module, loader: Iterable, device: str | torch.devi
             raise IISInputError("loader must yield (images, labels) batches")
         x, y = batch[0], batch[1]
         maps.append(spatial_features(model, x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y).long().cpu())
+        y = torch.as_tensor(y)
+        labels.append((y.float() if y.dim() == 2 else y.long()).cpu())
     model.train(was_training)
     if not maps:
         raise IISInputError("loader is empty: it yielded no batches")
