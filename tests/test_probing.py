@@ -426,6 +426,12 @@ def test_cli_register_and_lr_mapping():
     assert "GridPG" in p.description
     args = parser.parse_args(["probe", "--heads", "linear,bcos2", "--losses", "bce", "--quick"])
     assert args.heads == ["linear", "bcos2"] and args.losses == ["bce"] and args.quick
+    assert (args.gradcam_layer, args.gradcam_relu, args.ig_method, args.explanation_mode) == \
+        ("last_conv", False, "gausslegendre", False)                  # the official forms by default
+    args = parser.parse_args(["probe", "--gradcam-layer", "features", "--gradcam-relu", "--ig-method",
+                              "riemann_middle", "--explanation-mode"])
+    assert (args.gradcam_layer, args.gradcam_relu, args.ig_method, args.explanation_mode) == \
+        ("features", True, "riemann_middle", True)
     maps = SpatialMaps(torch.randn(20, 4, 2, 2), torch.arange(20) % 2)
     r = probe_maps(maps, maps, heads="linear,mlp2", losses="ce", epochs=1, hidden=4, batch_size=8,
                    lr={"linear": 1e-2, "default": 1e-4})

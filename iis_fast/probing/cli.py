@@ -16,8 +16,9 @@ test accuracy, then build 3x3 grids of distinct-class test images that the probe
 p >= 0.95 and report, per probe and attribution method, the GridPG score: the share of the positive
 (smoothed) attribution that falls in the target's cell (1/9 = no localisation, 1 = perfect).
 
-Methods: ixg (Input x Gradient), gradcam (last conv block), ig (Integrated Gradients), bcos (B-cos
-contribution maps, B-cos probes only). All targets of an image are explained from one forward.
+Methods: ixg (Input x Gradient), gradcam (Grad-CAM; official form: the backbone's last convolution, no ReLU),
+ig (Integrated Gradients, Gauss-Legendre), bcos (B-cos contribution maps, B-cos probes only). All targets of an
+image are explained from one forward. Heads: also linear_nobias, mlp2_nobias, mlp3_nobias (bias-free probes).
 Defaults take ~10 minutes on 2 CPU cores; --quick takes ~2."""
 
 
@@ -51,7 +52,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--grid-size", type=int, default=3)
     p.add_argument("--n-grids", type=int, default=6, help="grid images per probe (9 maps each)")
     p.add_argument("--threshold", type=float, default=0.95, help="min softmax probability for grid images")
-    p.add_argument("--ig-steps", type=int, default=8, help="Integrated Gradients steps")
+    p.add_argument("--ig-steps", type=int, default=8, help="Integrated Gradients steps (official: 50; default 8)")
+    p.add_argument("--ig-method", default="gausslegendre", choices=("gausslegendre", "riemann_middle"),
+                   help="Integrated Gradients nodes (default gausslegendre, as the official code)")
+    p.add_argument("--gradcam-layer", default="last_conv",
+                   help="Grad-CAM layer: last_conv (official), features (the final map) or a backbone module name")
+    p.add_argument("--gradcam-relu", action="store_true",
+                   help="clip Grad-CAM maps at 0 before upsampling (classic Grad-CAM; the official code does not)")
+    p.add_argument("--explanation-mode", action="store_true",
+                   help="B-cos explanation mode for the gradients of B-cos heads (official: plain gradients)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: 300/200/300 images, 4 epochs, hidden 64, 2 grids")
@@ -74,7 +83,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         image_size=args.image_size, n_train=args.n_train, n_eval=args.n_eval, n_pool=args.n_pool, heads=args.heads,
         losses=args.losses, methods=args.methods, epochs=args.epochs, lr=args.lr, lr_linear=args.lr_linear,
         batch_size=args.batch_size, hidden=args.hidden, grid_size=args.grid_size, n_grids=args.n_grids,
-        threshold=args.threshold, ig_steps=args.ig_steps, seed=args.seed, checkpoint=args.checkpoint,
+        threshold=args.threshold, ig_steps=args.ig_steps, ig_method=args.ig_method, gradcam_layer=args.gradcam_layer,
+        gradcam_relu=args.gradcam_relu, explanation_mode=args.explanation_mode, seed=args.seed,
+        checkpoint=args.checkpoint,
         png=args.png or None, progress=args.progress)
     if args.quick:
         kw.update(n_train=300, n_eval=200, n_pool=300, epochs=4, hidden=64, n_grids=2)

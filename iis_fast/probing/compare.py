@@ -29,7 +29,9 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
                    n_pool: int = 500, heads: Sequence[str] = HEAD_NAMES, losses: Sequence[str] = LOSS_NAMES,
                    methods: Sequence[str] = ("ixg", "gradcam", "ig", "bcos"), epochs: int = 10, lr: float = 1e-3,
                    batch_size: int = 128, hidden: int = 512, grid_size: int = 3, n_grids: int = 6,
-                   threshold: float = 0.95, ig_steps: int = 8, seed: int = 0, png: str | None = None,
+                   threshold: float = 0.95, ig_steps: int = 8, ig_method: str = "gausslegendre",
+                   gradcam_layer: str = "last_conv", gradcam_relu: bool = False, explanation_mode: bool = False,
+                   seed: int = 0, png: str | None = None,
                    lr_linear: float | None = 3e-2, png_grid: int = 0, png_cell: int = 4,
                    checkpoint: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Train every (head, loss) probe on one pretrained backbone and score its attributions on shared grids.
@@ -39,7 +41,9 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
     own grids from the images it classifies confidently (``"shared_grids": False``), and a probe with fewer
     than g*g confident classes uses its correctly classified images (its row's ``grid_threshold`` is 0).
     ``bcos`` runs for B-cos heads only. The figure (``png``) shows one grid for all probes: the shared grid
-    ``png_grid``, else a grid of images every probe classifies correctly.
+    ``png_grid``, else a grid of images every probe classifies correctly. ``ig_method``, ``gradcam_layer``,
+    ``gradcam_relu`` and ``explanation_mode`` are passed to :func:`~iis_fast.probing.attribute` (defaults: the
+    official forms; ``ig_steps`` is 8 here, not the official 50, to keep the run short).
 
     Returns:
         ``{"rows": [{probe, head, loss, accuracy, <method>: {gridpg, entropy, gini}}], "config", "timings",
@@ -78,7 +82,9 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
     for k, m in models.items():
         meths = [x for x in methods if x != "bcos" or k.startswith("bcos")]
         th = threshold
-        kw = dict(methods=meths, grid_size=grid_size, n_grids=n_grids, seed=seed, ig_steps=ig_steps)
+        opts = dict(ig_steps=ig_steps, ig_method=ig_method, gradcam_layer=gradcam_layer, gradcam_relu=gradcam_relu,
+                    explanation_mode=explanation_mode)
+        kw = dict(methods=meths, grid_size=grid_size, n_grids=n_grids, seed=seed, **opts)
         try:
             q = attribution_quality(m, px, py, grids=grids, threshold=th, **kw)
         except IISInputError:   # this probe has < g*g confident classes: fall back to correctly classified
@@ -94,7 +100,7 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
                 png_grid_image = disp.images[png_grid if grids is not None else 0]
                 png_label = int(disp.cell_labels[png_grid if grids is not None else 0, png_cell])
             tg = torch.tensor([[png_label]])
-            maps_for_png[k] = {mm: attribute(m, png_grid_image[None], tg, mm, ig_steps=ig_steps)[0, 0]
+            maps_for_png[k] = {mm: attribute(m, png_grid_image[None], tg, mm, **opts)[0, 0]
                                for mm in meths}
             png_scores[k] = {mm: float(grid_pointing_game(a, torch.tensor(png_cell), grid_size, mm))
                              for mm, a in maps_for_png[k].items()}
@@ -104,7 +110,9 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
         "config": {"model": model, "image_size": image_size, "grid_image_size": image_size * grid_size,
                    "n_train": n_train, "n_eval": n_eval, "n_pool": n_pool, "epochs": epochs, "lr": res.config["lr"],
                    "batch_size": batch_size, "hidden": hidden, "grid_size": grid_size, "n_grids": n_grids,
-                   "threshold": threshold, "ig_steps": ig_steps, "seed": seed, "methods": list(methods),
+                   "threshold": threshold, "ig_steps": ig_steps, "ig_method": ig_method,
+                   "gradcam_layer": gradcam_layer, "gradcam_relu": gradcam_relu,
+                   "explanation_mode": explanation_mode, "seed": seed, "methods": list(methods),
                    "feature_shape": list(res.feature_shape), "torch_threads": torch.get_num_threads()},
         "timings": {"features_s": res.timings["features_s"], "train_s": res.timings["train_s"],
                     "attribution_s": t_attr, "total_s": time.perf_counter() - t_all},
