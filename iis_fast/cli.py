@@ -32,6 +32,12 @@ def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False
     g.add_argument("--epochs", type=int, default=30, help="epochs per head (default 30)")
     g.add_argument("--images-per-class", type=int, default=10, help="concept-source images per class (default 10)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--official", action="store_true",
+                   help="reproduce the official IIS code wherever iis_fast departs from it (docs/spec.md §1.9): "
+                        "segments only, official element geometry, first-M prototypes, first 20,000 elements, "
+                        "stochastic end2end evaluation; options given explicitly still win")
+    g.add_argument("--elements", default=None, choices=["patches", "segments", "both"],
+                   help="concept element kinds (default: both; segments with --official)")
     g.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch", "reference"],
                    help="how the heads are trained; auto = the fastest one available (default)")
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
@@ -71,6 +77,10 @@ def score_options(args: argparse.Namespace) -> dict:
     opts = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=args.num_concepts, epochs=args.epochs,
                 images_per_class=args.images_per_class, seed=args.seed, backend=args.backend, device=args.device,
                 extract_batch_size=args.extract_batch_size, cache_dir=args.cache_dir)
+    if getattr(args, "official", False):
+        opts["reproduce"] = "official"
+    if getattr(args, "elements", None):
+        opts["elements"] = args.elements
     if args.sparsities:
         opts["sparsities"] = args.sparsities
     if args.lrs:

@@ -247,6 +247,9 @@ def test_ig_completeness_on_linear_model():
     with torch.no_grad():
         want = model(x) - model(torch.zeros_like(x))
     torch.testing.assert_close(a.sum((2, 3)), want, atol=1e-5, rtol=1e-4)
+    from iis_fast.probing import IntegratedGradients
+    chunked = IntegratedGradients(5, internal_batch_size=2)(model, x, torch.tensor([[0, 3]] * 2))   # 3 forwards
+    torch.testing.assert_close(chunked, attribute(model, x, torch.tensor([[0, 3]] * 2), "ig", ig_steps=5))
 
 
 def test_ig_nodes_integrate_polynomials():

@@ -20,7 +20,8 @@ Methods (the registry :data:`ATTRIBUTIONS`; defaults are the official evaluation
   (pytorch-grad-cam's on ``layer4[-1]``). The backbone runs once; all targets' gradients come from one batched
   backward from the logits to ``A`` only.
 - ``ig`` :class:`IntegratedGradients`: baseline 0 (in normalised input space), 50 Gauss-Legendre nodes by default
-  (captum's default), or the midpoint rule; all nodes of an image in one forward, one backward per target.
+  (captum's default), or the midpoint rule; the nodes of an image in forwards of up to 16, one backward per
+  target each.
 - ``bcos`` :class:`BcosContributions` (B-cos heads only): per-position contributions ``W(F) F / (h w)`` of every
   class from one forward of the head, bilinearly upsampled. They sum (before upsampling) to logit - bias.
 - LRP is not implemented (it needs per-layer rules and canonizers for the backbone; see docs/probing.md).
@@ -379,15 +380,20 @@ class IntegratedGradients(Attribution):
     Args:
         steps: number of nodes (official: 50). method: ``gausslegendre`` (official) or ``riemann_middle``.
         baseline: ``x0`` (default zeros, in normalised input space). explanation_mode: as :class:`GradCAM`.
+        internal_batch_size: nodes per forward pass of the batched path (bounds memory; the official EPG script
+            passes 16 to captum, which splits the nodes the same way).
     """
 
     name = "ig"
 
     def __init__(self, steps: int = 50, method: str = "gausslegendre", baseline: torch.Tensor | None = None,
-                 explanation_mode: bool = False) -> None:
+                 explanation_mode: bool = False, internal_batch_size: int = 16) -> None:
         if isinstance(steps, bool) or int(steps) < 1:
             raise IISInputError(f"ig_steps must be >= 1, got {steps}")
+        if int(internal_batch_size) < 1:
+            raise IISInputError(f"internal_batch_size must be >= 1, got {internal_batch_size}")
         self.steps, self.method, self.baseline = int(steps), method, baseline
+        self.internal_batch_size = int(internal_batch_size)
         self.alphas, self.weights = ig_nodes(self.steps, method)
         self.explanation_mode = bool(explanation_mode)
 
@@ -400,12 +406,16 @@ class IntegratedGradients(Attribution):
         out = x.new_empty(x.shape[0], targets.shape[1], *x.shape[-2:])
         for b in range(x.shape[0]):
             diff = (x[b] - base[b]).detach()
-            xs = (base[b] + alphas.view(-1, 1, 1, 1) * diff).contiguous(memory_format=torch.channels_last)
-            xs.requires_grad_(True)                                                    # [m, 3, H, W]
-            with _head_mode(model, self.explanation_mode):
-                logits = model(xs)
-            g = _target_grads(logits, xs, targets[b:b + 1], repeat=self.steps)       # [T, m, 3, H, W]
-            out[b] = (torch.einsum("tmchw,m->tchw", g, w) * diff).sum(1)
+            acc = x.new_zeros(targets.shape[1], *x.shape[1:])                         # [T, 3, H, W]
+            for s in range(0, self.steps, self.internal_batch_size):
+                a = alphas[s:s + self.internal_batch_size]
+                xs = (base[b] + a.view(-1, 1, 1, 1) * diff).contiguous(memory_format=torch.channels_last)
+                xs.requires_grad_(True)                                                # [m, 3, H, W]
+                with _head_mode(model, self.explanation_mode):
+                    logits = model(xs)
+                g = _target_grads(logits, xs, targets[b:b + 1], repeat=len(a))        # [T, m, 3, H, W]
+                acc += torch.einsum("tmchw,m->tchw", g, w[s:s + self.internal_batch_size])
+            out[b] = (acc * diff).sum(1)
         return out
 
     def reference(self, model: ProbedModel, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
