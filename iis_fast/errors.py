@@ -16,3 +16,8 @@ class DataFileError(IISInputError):
 
 class BackendUnavailable(RuntimeError):
     """A requested compute backend cannot run on this machine (not built, no GPU, ...)."""
+
+
+class IISWarning(UserWarning):
+    """A result that is computed but should not be trusted as is (a probe at chance level, a corrupt cache entry
+    that was recomputed, ...). The same text goes to ``IISResult.warnings`` where a result carries it."""

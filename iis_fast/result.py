@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings as _warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -14,6 +15,35 @@ def iis_from_curve(sparsities: Sequence[float], arr: Sequence[float]) -> float:
     s = np.asarray(sparsities, dtype=np.float64)[order]
     a = np.asarray(arr, dtype=np.float64)[order]
     return float(np.sum((s[1:] - s[:-1]) * (a[1:] + a[:-1]) / 2.0))
+
+
+#: acc_std within this many accuracy points of chance level makes IIS meaningless (see :func:`chance_warning`).
+CHANCE_MARGIN = 0.05
+
+
+def chance_warning(acc_std: float, iis: float, eval_labels: np.ndarray, num_classes: int) -> str | None:
+    """The warning for a standard probe at chance level, or None.
+
+    Chance is the better of uniform guessing (1/K) and always answering the eval set's majority class. A probe
+    within :data:`CHANCE_MARGIN` of it learned nothing (constant features, a diverged learning rate, too few
+    epochs): every sparse head is then just as bad, every ARR is about 1 and IIS is the width of the sparsity
+    grid, whatever the representation.
+    """
+    counts = np.bincount(np.asarray(eval_labels, dtype=np.int64).reshape(-1), minlength=num_classes)
+    chance = max(1.0 / num_classes, float(counts.max()) / max(1, int(counts.sum())))
+    if acc_std > chance + CHANCE_MARGIN:
+        return None
+    return (f"acc_std = {acc_std:.4f} is at chance level ({chance:.4f} for {num_classes} classes, margin "
+            f"{CHANCE_MARGIN:g}): the standard probe learned nothing (constant or degenerate features, a diverged "
+            f"learning rate, too few epochs), so every ARR is about 1 and IIS = {iis:.4f} does not measure "
+            "interpretability")
+
+
+def warn_all(messages: Sequence[str], stacklevel: int = 3) -> None:
+    """Emit each message as an :class:`~iis_fast.errors.IISWarning`."""
+    from .errors import IISWarning
+    for m in messages:
+        _warnings.warn(m, IISWarning, stacklevel=stacklevel)
 
 
 @dataclass
@@ -44,6 +74,7 @@ class IISResult:
     versions: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
+    warnings: list[str] = field(default_factory=list)   # why the numbers may not mean what they seem (empty: none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,4 +96,4 @@ class IISResult:
         name = f"{self.model} " if self.model else ""
         return (f"IISResult({name}IIS={self.iis:.4f}, acc_std={self.acc_std:.4f}, library={self.library}, "
                 f"M={self.num_concepts}, backend={self.backend}, n_train={self.n_train}, n_eval={self.n_eval}, "
-                f"ARR=[{curve}], {t:.1f}s)")
+                f"ARR=[{curve}], {t:.1f}s)" + "".join(f"\nWARNING: {w}" for w in self.warnings))

@@ -1,0 +1,146 @@
+"""Issue 16: never a wrong number in silence. Each case below once returned a wrong number, crashed with a foreign
+error, or silently changed what was computed; each test pins the named error, the warning or the recomputation.
+
+Real data throughout: MobileNetV2 features of Fashion-MNIST (conftest's ``real_features``), the pretrained
+backbone on Fashion-MNIST images, real cache entries, real sweep databases and real CLI processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from iis_fast import IISInputError
+from iis_fast.errors import IISWarning
+from iis_fast.result import CHANCE_MARGIN, IISResult
+from iis_fast.score import score, score_features
+
+TINY = dict(epochs=3, batch_size=64, sparsities=(0.0, 0.5, 0.9), lrs=(0.01, 0.1), progress=False)
+
+
+def _feats(real_features):
+    tx, ty, ex, ey, c = real_features
+    return dict(train_x=tx.clone(), train_y=ty.clone(), eval_x=ex.clone(), eval_y=ey.clone(), concepts=c[:40])
+
+
+# ---------------------------------------------------------------------------------- degenerate training options
+@pytest.mark.parametrize("opts, msg", [
+    (dict(lrs=(float("inf"),)), "positive and finite"),
+    (dict(lrs=(0.01, float("nan"))), "positive and finite"),
+    (dict(lr_decay=0.0), r"lr_decay=0.0: must be in \(0, 1\]"),
+    (dict(lr_decay=-0.5), "lr_decay=-0.5"),
+    (dict(lr_decay=float("nan")), "lr_decay=nan"),
+    (dict(lr_decay=1.5), "lr_decay=1.5"),
+    (dict(epochs=2.5), "epochs=2.5: must be a whole number"),
+    (dict(batch_size=31.5), "batch_size=31.5: must be a whole number"),
+    (dict(epochs=True), "epochs=True"),
+    (dict(device="gpu"), "device='gpu' is not a torch device"),
+])
+def test_degenerate_training_options_are_refused_by_name(real_features, opts, msg):
+    with pytest.raises(IISInputError, match=msg):
+        score_features(**_feats(real_features), **{**TINY, **opts})
+
+
+def test_whole_float_options_are_read_as_integers(real_features):
+    r = score_features(**_feats(real_features), **{**TINY, "epochs": 3.0, "batch_size": 64.0})
+    assert r.config["epochs"] == 3 and isinstance(r.config["epochs"], int)
+    assert r.iis == score_features(**_feats(real_features), **TINY).iis
+
+
+# ------------------------------------------------------------------------------------ chance-level acc_std
+def test_probe_at_chance_level_warns_and_says_so_in_the_result(real_features):
+    a = _feats(real_features)
+    a["train_x"] = torch.ones_like(a["train_x"])       # constant features: no probe can beat chance
+    a["eval_x"] = torch.ones_like(a["eval_x"])
+    with pytest.warns(IISWarning, match="chance level"):
+        r = score_features(**a, **TINY)
+    chance = np.bincount(a["eval_y"].numpy()).max() / len(a["eval_y"])
+    assert r.acc_std <= chance + CHANCE_MARGIN
+    assert len(r.warnings) == 1 and "chance level" in r.warnings[0] and "IIS = " in r.warnings[0]
+    assert "WARNING: acc_std" in repr(r)
+    assert IISResult.from_json(r.to_json()).warnings == r.warnings
+    # a real representation is far above chance: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IISWarning)
+        ok = score_features(**_feats(real_features), **TINY)
+    assert ok.acc_std > 0.5 and ok.warnings == []
+
+
+def test_results_without_a_warnings_field_still_load(real_features):
+    d = score_features(**_feats(real_features), **TINY).to_dict()
+    del d["warnings"]                                  # JSON written before the field existed
+    assert IISResult.from_dict(d).warnings == []
+
+
+# --------------------------------------------------------------------------------------------- labels
+def test_huge_labels_are_refused_before_any_allocation(real_features):
+    a = _feats(real_features)
+    a["train_y"][0] = 2 ** 40
+    with pytest.raises(IISInputError, match="label 1099511627776, above the largest supported class index"):
+        score_features(**a, **TINY)
+    a = _feats(real_features)
+    a["eval_y"][3] = 50_000                            # under the hard bound, but K would come from one stray label
+    with pytest.raises(IISInputError, match=r"largest label is 50000 but only 11 distinct labels"):
+        score_features(**a, **TINY)
+
+
+def test_class_only_in_eval_is_refused(real_features):
+    a = _feats(real_features)
+    keep = a["train_y"] != 7
+    a["train_x"], a["train_y"] = a["train_x"][keep], a["train_y"][keep]
+    with pytest.raises(IISInputError, match=r"class\(es\) \[7\] occur in eval_y but have no training samples"):
+        score_features(**a, **TINY)
+
+
+# ---------------------------------------------------------------------------------------- devices
+def test_devices_that_do_not_exist_are_named(real_features):
+    for dev in ("cuda:99", "mps") + (() if torch.cuda.is_available() else ("cuda",)):
+        with pytest.raises(IISInputError, match=f"device='{dev}'"):
+            score_features(**_feats(real_features), **{**TINY, "device": dev})
+
+
+# ------------------------------------------------------------------------------------- score(): images
+@pytest.fixture(scope="module")
+def fm_images(fmnist_train, pretrained_mobilenet):
+    """300 Fashion-MNIST train images (30 per class) at 48 px, normalised for MobileNetV2: (grey [N,1], rgb [N,3], y)."""
+    from iis_fast.data.fashion_mnist import stratified_subset
+    from iis_fast.models import preprocessing_config
+    images, labels = fmnist_train
+    idx = stratified_subset(labels, 300, seed=1)
+    pre = preprocessing_config(pretrained_mobilenet)
+    x = torch.nn.functional.interpolate(torch.from_numpy(images[idx]).float().div(255).unsqueeze(1), size=48,
+                                        mode="bilinear", antialias=True)
+    rgb = (x.expand(-1, 3, -1, -1) - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    return x.contiguous(), rgb.contiguous(), torch.from_numpy(labels[idx])
+
+
+SCORE = dict(num_concepts=20, images_per_class=2, epochs=2, batch_size=32, sparsities=(0.0, 0.9), progress=False,
+             image_size=48)
+
+
+def test_one_channel_images_for_a_three_channel_model(fm_images, pretrained_mobilenet, tmp_path):
+    grey, _, y = fm_images
+    with pytest.raises(IISInputError, match="1-channel images but .* reads 3-channel input"):
+        score(pretrained_mobilenet, DataLoader(TensorDataset(grey, y), batch_size=100), cache_dir=str(tmp_path),
+              **SCORE)
+
+
+def test_images_per_class_above_a_class_size(fm_images, pretrained_mobilenet, tmp_path):
+    _, rgb, y = fm_images
+    with pytest.raises(IISInputError, match=r"images_per_class=31 but class\(es\) \[0, 1, .*\] have fewer training images \(the smallest has 30\)"):
+        score(pretrained_mobilenet, DataLoader(TensorDataset(rgb, y), batch_size=100), cache_dir=str(tmp_path),
+              **{**SCORE, "images_per_class": 31})
+
+
+def test_no_loader_and_missing_device_are_named(pretrained_mobilenet, tmp_path):
+    with pytest.raises(IISInputError, match="loader must be an iterable"):
+        score(pretrained_mobilenet, None, cache_dir=str(tmp_path), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(IISInputError, match="no CUDA GPU"):
+            score(pretrained_mobilenet, "fashion-mnist", cache_dir=str(tmp_path), device="cuda", progress=False)
