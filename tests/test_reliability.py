@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from iis_fast import IISInputError
 from iis_fast.errors import IISWarning
+from iis_fast.features import FeatureCache
 from iis_fast.result import CHANCE_MARGIN, IISResult
 from iis_fast.score import score, score_features
 
@@ -144,3 +145,110 @@ def test_no_loader_and_missing_device_are_named(pretrained_mobilenet, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(IISInputError, match="no CUDA GPU"):
             score(pretrained_mobilenet, "fashion-mnist", cache_dir=str(tmp_path), device="cuda", progress=False)
+
+
+# ------------------------------------------------------------------------------------- the feature cache
+@pytest.fixture()
+def entry(tmp_path):
+    """A real cache entry: MobileNetV2-sized features and labels (200 rows)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 1280)).astype(np.float32), np.arange(200) % 10
+    cache = FeatureCache(tmp_path / "cache")
+    cache.put("k", {"x": x, "y": y}, {"split": "train"})
+    return cache, cache.root / "k", x, y
+
+
+def _miss_with_warning(cache, match, **kw):
+    with pytest.warns(IISWarning, match=match):
+        assert cache.get("k", **kw) is None
+
+
+def test_cache_round_trip_records_checksums_and_rows(entry):
+    cache, d, x, y = entry
+    got = cache.get("k")
+    assert np.array_equal(got["x"], x) and np.array_equal(got["y"], y) and got["meta"] == {"split": "train"}
+    files = json.loads((d / "meta.json").read_text())["files"]
+    assert files["x"]["shape"] == [200, 1280] and files["y"]["shape"] == [200] and len(files["x"]["sha256"]) == 64
+
+
+def test_cache_flipped_bytes_are_detected_and_recomputed(entry):
+    cache, d, x, y = entry
+    b = bytearray((d / "x.npy").read_bytes())
+    b[5000] ^= 0xFF
+    (d / "x.npy").write_bytes(bytes(b))
+    _miss_with_warning(FeatureCache(cache.root), "x.npy whose bytes no longer match the checksum")
+    cache.put("k", {"x": x, "y": y})                    # the recomputation replaces the bad entry
+    assert np.array_equal(cache.get("k")["x"], x)
+
+
+def test_cache_zeroed_array_and_short_labels_are_detected(entry):
+    cache, d, x, y = entry
+    np.save(d / "x.npy", np.zeros_like(x))              # same size, same shape: only the checksum tells
+    _miss_with_warning(cache, "x.npy whose bytes no longer match")
+    cache.put("k", {"x": x, "y": y})
+    np.save(d / "y.npy", y[:-5])                        # 195 labels for 200 rows
+    _miss_with_warning(cache, "y.npy of 1688 bytes, but 1728 were written")
+
+
+def test_cache_zero_byte_missing_array_and_file_entry_recompute(entry):
+    cache, d, x, y = entry
+    (d / "x.npy").write_bytes(b"")
+    _miss_with_warning(cache, "x.npy of 0 bytes")        # was: EOFError
+    cache.put("k", {"x": x, "y": y})
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"]["src_index"] = meta["files"]["y"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    _miss_with_warning(cache, "lists src_index.npy, which is missing")
+    cache.put("k", {"x": x, "y": y})
+    _miss_with_warning(cache, r"lacks the array\(s\) \['src_index'\]", required=("x", "y", "src_index"))
+    import shutil
+    shutil.rmtree(d)
+    d.write_text("not an entry")
+    _miss_with_warning(cache, "is not a directory")
+    cache.put("k", {"x": x, "y": y})                    # was: NotADirectoryError
+    assert d.is_dir() and np.array_equal(cache.get("k")["y"], y)
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]     # nothing left aside
+
+
+def test_cache_verifies_checksums_once_per_process_or_always(entry, monkeypatch):
+    import iis_fast.features as features
+    cache, d, x, y = entry
+    hashed = []
+    real = features.file_sha256
+    monkeypatch.setattr(features, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    cache.get("k")
+    FeatureCache(cache.root).get("k")
+    assert hashed == []                                 # hashed when written; this process trusts it since
+    FeatureCache(cache.root, verify="always").get("k")
+    assert sorted(hashed) == ["x.npy", "y.npy"]
+    with open(d / "x.npy", "r+b") as f:                 # an in-place change: same size, inode, even mtime
+        f.seek(4000)
+        f.write(b"\x00\x01\x02\x03")
+    st = os.stat(d / "x.npy")
+    os.utime(d / "x.npy", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(IISWarning, match="checksum"):    # its ctime moved: verified again, even in "once" mode
+        assert cache.get("k") is None
+
+
+def test_cache_entries_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache = FeatureCache(tmp_path / "c")
+        cache.put("k", {"x": np.zeros(3)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(cache.root / "k").st_mode) == 0o755       # was 0o700 (mkdtemp)
+    assert stat.S_IMODE(os.stat(cache.root / "k" / "x.npy").st_mode) == 0o644
+
+
+def test_score_recomputes_a_corrupted_feature_cache(fm_images, pretrained_mobilenet, tmp_path):
+    _, rgb, y = fm_images
+    loader = DataLoader(TensorDataset(rgb, y), batch_size=100)
+    r1 = score(pretrained_mobilenet, loader, cache_dir=str(tmp_path), **SCORE)
+    entries = [p for p in tmp_path.iterdir() if (p / "x.npy").exists()]
+    assert len(entries) == 1
+    x = entries[0] / "x.npy"
+    np.save(x, np.zeros_like(np.load(x)))               # features replaced by zeros: IIS would change silently
+    with pytest.warns(IISWarning, match="x.npy whose bytes no longer match"):
+        r2 = score(pretrained_mobilenet, loader, cache_dir=str(tmp_path), **SCORE)
+    assert r2.iis == r1.iis and r2.acc_std == r1.acc_std and r2.timings["extract_train"] > 0
