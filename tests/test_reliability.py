@@ -252,3 +252,60 @@ def test_score_recomputes_a_corrupted_feature_cache(fm_images, pretrained_mobile
     with pytest.warns(IISWarning, match="x.npy whose bytes no longer match"):
         r2 = score(pretrained_mobilenet, loader, cache_dir=str(tmp_path), **SCORE)
     assert r2.iis == r1.iis and r2.acc_std == r1.acc_std and r2.timings["extract_train"] > 0
+
+
+# ------------------------------------------------------------------------------------------ .beton checksum
+@pytest.fixture(scope="module")
+def fm_raw_beton(tmp_path_factory, fmnist_train):
+    pytest.importorskip("ffcv")
+    from iis_fast.data.ffcv_io import write_arrays
+    images, labels = fmnist_train
+    path = tmp_path_factory.mktemp("beton") / "fm.beton"
+    info = write_arrays(images[:100], labels[:100], path, progress=False, page_size=1 << 21, num_workers=1)
+    return path, info
+
+
+def _pixel_offset(path, sample: int) -> int:
+    from ffcv.reader import Reader
+    return int(Reader(str(path)).metadata["f0"]["data_ptr"][sample])
+
+
+def test_beton_data_corruption_is_caught_by_its_checksum(fm_raw_beton, tmp_path):
+    from iis_fast.data.ffcv_io import validate_beton
+    from iis_fast.data.ffcv_loader import ffcv_loader
+    from iis_fast.errors import DataFileError
+    path, info = fm_raw_beton
+    assert info.checksum is not None and len(info.checksum) == 64
+    data = bytearray(path.read_bytes())
+    at = _pixel_offset(path, 7) + 100
+    data[at] ^= 0x40                                   # one pixel of sample 7: structurally still a valid file
+    bad = tmp_path / "copied.beton"                    # the checksum is inside the file: it survives a copy
+    bad.write_bytes(bytes(data))
+    assert validate_beton(bad, verify_checksum="never").num_samples == 100      # what validation saw before
+    with pytest.raises(DataFileError, match="do not match the SHA-256 stored in it"):
+        validate_beton(bad)
+    with pytest.raises(DataFileError, match="SHA-256"):
+        ffcv_loader(bad, 28, (0.5,) * 3, (0.5,) * 3)    # what score() builds from a .beton path
+    data[at] ^= 0x40
+    bad.write_bytes(bytes(data))                       # restored: valid again (the file changed, so re-verified)
+    assert validate_beton(bad).checksum == info.checksum
+
+
+def test_beton_checksum_keeps_the_file_readable_by_ffcv(fm_raw_beton, fmnist_train):
+    from ffcv.reader import Reader
+    path, _ = fm_raw_beton
+    r = Reader(str(path))
+    assert r.num_samples == 100 and list(r.handlers) == ["image", "label"]
+    assert np.array_equal(r.metadata["f1"], fmnist_train[1][:100])
+
+
+def test_beton_huge_labels_are_refused_at_write_time(tmp_path, fmnist_train):
+    pytest.importorskip("ffcv")
+    from iis_fast.data.ffcv_io import write_arrays
+    from iis_fast.errors import DataFileError
+    images, labels = fmnist_train
+    lab = labels[:20].astype(np.int64)
+    lab[3] = 2 ** 40
+    with pytest.raises(DataFileError, match="label 1099511627776, out of range"):
+        write_arrays(images[:20], lab, tmp_path / "huge.beton", progress=False)
+    assert not (tmp_path / "huge.beton").exists()
