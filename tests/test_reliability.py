@@ -309,3 +309,18 @@ def test_beton_huge_labels_are_refused_at_write_time(tmp_path, fmnist_train):
     with pytest.raises(DataFileError, match="label 1099511627776, out of range"):
         write_arrays(images[:20], lab, tmp_path / "huge.beton", progress=False)
     assert not (tmp_path / "huge.beton").exists()
+
+
+# ---------------------------------------------------------------------------------------------- data specs
+@pytest.mark.parametrize("spec, msg", [
+    ("fashion-mnist:n_train=0", "n_train=0: must be a positive whole number"),   # was: all 60,000 images
+    ("fashion-mnist:n_eval=-5", "n_eval=-5"),
+    ("fashion-mnist:n_train=70000", "n_train=70000, but its TRAIN split has 60000 images"),   # was: capped
+    ("fashion-mnist:n_eval=10001", "n_eval=10001, but its TEST split has 10000 images"),
+])
+def test_fashion_mnist_sizes_are_checked_by_name(spec, msg, tmp_path):
+    from iis_fast.data.sources import prepare_data
+    pre = {"input_size": (3, 28, 28), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    with pytest.raises(IISInputError, match=msg):
+        prepare_data(spec, pre, tmp_path)
+    assert not (tmp_path / "sweep-data").exists() or not any((tmp_path / "sweep-data").iterdir())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +46,14 @@ class FashionMNISTData:
     seed: int = 0
     root: str | None = None
     batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_eval", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise IISInputError(f"fashion-mnist {name}={v!r}: must be a positive whole number"
+                                    + (" (the whole split is its size: 60000 train, 10000 test)"
+                                       if name != "batch_size" else ""))
 
     @property
     def key(self) -> str:
@@ -224,14 +231,19 @@ def prepare_data(data: Any, pre: dict[str, Any], cache_dir: str | os.PathLike[st
     sets = {}
     for name, split, n in (("train", "train", data.n_train), ("eval", "test", data.n_eval)):
         labels = load_fashion_mnist(split, data.root)[1]
-        idx = None if not n or n >= len(labels) else stratified_subset(labels, int(n), data.seed)
+        if n > len(labels):
+            arg = "n_train" if name == "train" else "n_eval"
+            raise IISInputError(f"fashion-mnist {arg}={n}, but its {split.upper()} split has {len(labels)} images: "
+                                f"give {arg} <= {len(labels)}")
+        idx = None if n == len(labels) else stratified_subset(labels, int(n), data.seed)
         sets[name] = FashionMNIST(split, indices=idx, **kw)
     folder_key = hashlib.sha256(json.dumps([sets["train"].fingerprint, sets["eval"].fingerprint]).encode()
                                 ).hexdigest()[:24]
     folder = Path(cache_dir) / "sweep-data" / folder_key
     if not (folder / "done.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder_key}.", dir=folder.parent))
+        from ..features import make_shared_temp_dir
+        tmp = make_shared_temp_dir(folder.parent, f".{folder_key}.")      # follows the umask, as the cache
         for name, ds in sets.items():
             xs = np.lib.format.open_memmap(tmp / f"{name}_x.npy", mode="w+", dtype=np.float32,
                                            shape=(len(ds), 3, *size))
