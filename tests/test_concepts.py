@@ -13,7 +13,11 @@ from iis_fast.concepts import (
     cos_cubed_similarity,
     embed_concept_elements,
     embed_elements,
-    end2end_library,
+    ElementInfo,
+    element_subset,
+    end2end_elements,
+    official_order,
+    parse_elements,
     fit_text_projection,
     make_elements,
     patch_elements,
@@ -258,36 +262,58 @@ def test_cluster_deterministic_unit_rows_recovers_blobs():
     torch.testing.assert_close(c2.norm(dim=1), torch.ones(3))
 
 
-def test_end2end_deterministic_argmax_no_zero_rows_and_useful():
-    d, k = 8, 3
-    centres = torch.zeros(k, d)
-    centres[torch.arange(k), torch.arange(k)] = 3.0
-    elems, _ = _blobs(20, centres, noise=0.5, seed=1)
-    elems = F.normalize(elems, dim=1)
-    train_x, train_y = _blobs(40, centres, noise=0.5, seed=2)
-    opts = dict(train_x=train_x, train_y=train_y, epochs=15, lr=0.05, batch_size=40)
-    res = end2end_library(elems, num_concepts=12, seed=0, return_details=True, **opts)
-    c = res.concepts
-    assert c.shape == (12, d)
-    torch.testing.assert_close(c.norm(dim=1), torch.ones(12))
-    again = end2end_library(elems, num_concepts=12, seed=0, **opts)
-    assert torch.equal(c, again)                            # argmax at return: no noise, identical
-    assert not torch.equal(c, end2end_library(elems, num_concepts=12, seed=1, **opts))
-    # concepts are normalised sums of the argmax-assigned elements (or the fallback element if empty)
-    for j in range(12):
-        members = elems[torch.as_tensor(res.element_index)[res.assignment == j]]
-        if j not in res.empty_concepts:
-            torch.testing.assert_close(c[j], F.normalize(members.sum(0), dim=0))
-    assert res.train_accuracy > 0.8
-    # a fresh nearest-class-mean classifier on x·Cᵀ beats chance on held-out data
-    test_x, test_y = _blobs(30, centres, noise=0.5, seed=3)
-    a_tr, a_te = train_x @ c.t(), test_x @ c.t()
-    means = torch.stack([a_tr[train_y == i].mean(0) for i in range(k)])
-    acc = ((torch.cdist(a_te, means).argmin(dim=1) == test_y).float().mean())
-    assert acc > 0.8 > 1 / k
-    # many concepts for few elements: empty concepts fall back, rows stay non-zero
-    many = end2end_library(elems[:14], num_concepts=14, seed=0, return_details=True, **opts)
-    assert many.concepts.norm(dim=1).min() > 0.999
+def test_end2end_elements_are_the_cluster_subset_as_unit_rows():
+    feats, labels = _toy_elements(4, 10)
+    e = end2end_elements(feats * 3.0, num_concepts=5, seed=0, max_elements=12)
+    assert e.shape == (12, 8)
+    torch.testing.assert_close(e, F.normalize(feats[torch.as_tensor(element_subset(40, 12, "random", 0))], dim=1))
+    order = np.arange(40)[::-1].copy()
+    torch.testing.assert_close(end2end_elements(feats, 5, max_elements=12, subset="first", order=order),
+                               F.normalize(feats[order[:12].copy()], dim=1))
+    with pytest.raises(IISInputError, match="num_concepts=13"):
+        end2end_elements(feats, 13, max_elements=12)
+
+
+def test_element_subset_random_or_first_of_the_order():
+    r = element_subset(100, 10, "random", seed=0)
+    assert len(r) == 10 and np.all(np.diff(r) > 0) and np.array_equal(r, element_subset(100, 10, "random", 0))
+    assert np.array_equal(element_subset(100, 10, "first"), np.arange(10))
+    order = np.random.default_rng(1).permutation(100)
+    assert np.array_equal(element_subset(100, 10, "first", order=order), order[:10])
+    assert np.array_equal(element_subset(5, 10, "random"), np.arange(5))
+    with pytest.raises(IISInputError, match="permutation"):
+        element_subset(5, 3, "first", order=np.array([0, 0, 1, 2, 3]))
+    with pytest.raises(IISInputError, match="element_subset='all'"):
+        element_subset(5, 3, "all")
+
+
+def test_official_order_is_the_file_order_of_the_official_embedding():
+    """Hand-built: class by class, image by image, files <image>_<i>.jpg in string order; segment files are
+    numbered in reverse selection order; with both kinds, patches first within an image."""
+    # two images of class 1 (sources 0, 2), one of class 0 (source 1); image 0 has 12 patches and 3 segments
+    src = [0] * 12 + [1] * 2 + [2] * 2 + [0] * 3 + [1] * 1
+    kind = ["patches"] * 16 + ["segments"] * 4
+    info = ElementInfo.from_sources([("patches", np.array(src[:16])), ("segments", np.array(src[16:]))])
+    labels = np.array([1] * 12 + [0] * 2 + [1] * 2 + [1] * 3 + [0])
+    order = official_order(labels, info)
+    got = [(int(labels[e]), src[e], kind[e][0], int(info.position[e])) for e in order]
+    expect = ([(0, 1, "p", 0), (0, 1, "p", 1), (0, 1, "s", 0)]
+              + [(1, 0, "p", i) for i in (0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9)]
+              + [(1, 0, "s", 2), (1, 0, "s", 1), (1, 0, "s", 0)]       # files _0, _1, _2 = selection 2, 1, 0
+              + [(1, 2, "p", 0), (1, 2, "p", 1)])
+    assert got == expect
+    # prototype "first" reads that order: the first M elements are class 0's
+    feats = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    first = prototype_library(feats, torch.as_tensor(labels), 3, selection="first", order=order)
+    torch.testing.assert_close(first, feats[torch.as_tensor(order[:3])])
+
+
+def test_parse_elements():
+    assert parse_elements("both") == ("patches", "segments")
+    assert parse_elements("segments") == ("segments",)
+    assert parse_elements(["patches"]) == ("patches",)
+    with pytest.raises(IISInputError, match="elements='boxes'"):
+        parse_elements("boxes")
 
 
 def test_text_projection_recovers_linear_map():
@@ -322,10 +348,8 @@ def test_bad_inputs_raise_clear_errors():
         build_library("prototype", feats, labels[:5], num_concepts=2)
     with pytest.raises(IISInputError, match="kind='pca'"):
         build_library("pca", feats, labels)
-    with pytest.raises(IISInputError, match="train_x"):
-        build_library("end2end", feats, labels, num_concepts=2)
-    with pytest.raises(IISInputError, match="train_x has D=3"):
-        end2end_library(feats, 2, train_x=torch.zeros(4, 3), train_y=[0, 1, 0, 1])
+    with pytest.raises(IISInputError, match="num_concepts=7"):
+        build_library("end2end", feats, labels, num_concepts=7)
     with pytest.raises(IISInputError, match="concept_vectors"):
         build_library("text", feats, labels)
     with pytest.raises(IISInputError, match="selection="):

@@ -6,13 +6,17 @@ their patch/segment elements with :func:`embed_concept_elements`, then :func:`bu
 from __future__ import annotations
 
 from .elements import (
+    ELEMENT_CHOICES,
     ELEMENT_KINDS,
     GREY_117,
+    ElementInfo,
     concept_source_indices,
     clear_element_memo,
     embed_concept_elements,
     embed_elements,
     make_elements,
+    official_order,
+    parse_elements,
     patch_elements,
     patch_elements_with_sources,
     segment_crop,
@@ -21,13 +25,15 @@ from .elements import (
     select_segment_masks,
     slic_label_maps,
 )
+from .official import embed_official_elements, raw_source_images
 from .libraries import (
+    ELEMENT_SUBSETS,
     LIBRARY_KINDS,
-    End2EndResult,
     build_library,
     cluster_library,
     cos_cubed_similarity,
-    end2end_library,
+    element_subset,
+    end2end_elements,
     fit_text_projection,
     prototype_library,
     stratified_indices,
@@ -35,10 +41,11 @@ from .libraries import (
 )
 
 __all__ = [
-    "ELEMENT_KINDS", "GREY_117", "LIBRARY_KINDS", "End2EndResult",
+    "ELEMENT_KINDS", "ELEMENT_CHOICES", "ELEMENT_SUBSETS", "GREY_117", "LIBRARY_KINDS", "ElementInfo",
+    "official_order", "parse_elements", "element_subset", "embed_official_elements", "raw_source_images",
     "concept_source_indices", "patch_elements", "patch_elements_with_sources", "select_segment_masks",
     "segment_crop", "slic_label_maps", "segment_elements", "segment_elements_with_sources", "make_elements",
     "embed_elements", "embed_concept_elements", "clear_element_memo",
-    "build_library", "prototype_library", "stratified_indices", "cluster_library", "end2end_library",
+    "build_library", "prototype_library", "stratified_indices", "cluster_library", "end2end_elements",
     "fit_text_projection", "cos_cubed_similarity", "text_library",
 ]

@@ -5,7 +5,8 @@ Images are float tensors in [0, 1] of shape [N, 3, H, W] (un-normalised). Elemen
 
 Element order is *kind-major*: all patches (image by image, row-major cells), then all segments (image by
 image, setting by setting, label order). :func:`embed_concept_elements` streams images in chunks and keeps the
-same order, so the result does not depend on the chunk size.
+same order, so the result does not depend on the chunk size. :func:`official_order` gives the order of the
+official code's element files (docs/spec.md §1.2), which "first" selections read.
 
 Element images depend only on the source images and the geometry, never on the model, so a sweep that scores
 many checkpoints of one run would rebuild the same images (SLIC dominates) for each. ``embed_concept_elements(...,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from ..errors import IISInputError
 
 ELEMENT_KINDS = ("patches", "segments")
+ELEMENT_CHOICES = ("patches", "segments", "both")
 GREY_117 = (117, 117, 117)
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
@@ -232,8 +235,19 @@ def segment_elements(images01: torch.Tensor, out_size: Sequence[int] | int = (22
 
 
 # ------------------------------------------------------------------------------------------------ together
+def parse_elements(elements: str | Sequence[str]) -> tuple[str, ...]:
+    """The element kinds of ``elements``: ``"patches"``, ``"segments"``, ``"both"`` or a sequence of kinds."""
+    if isinstance(elements, str):
+        if elements not in ELEMENT_CHOICES:
+            raise IISInputError(f"elements={elements!r}: choose one of {ELEMENT_CHOICES}")
+        return ELEMENT_KINDS if elements == "both" else (elements,)
+    return _check_kinds(elements)
+
+
 def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if isinstance(kinds, str):
+        kinds = ELEMENT_KINDS if kinds == "both" else (kinds,)
+    kinds = tuple(kinds)
     bad = [k for k in kinds if k not in ELEMENT_KINDS]
     if not kinds or bad or len(set(kinds)) != len(kinds):
         raise IISInputError(f"kinds={kinds!r}: choose one or more distinct kinds of {ELEMENT_KINDS}")
@@ -266,6 +280,61 @@ def make_elements(images01: torch.Tensor, labels: Sequence[int] | np.ndarray | t
         imgs.append(el)
         labs.append(torch.as_tensor(lab[src], dtype=torch.long))
     return torch.cat(imgs), torch.cat(labs)
+
+
+# ----------------------------------------------------------------------------------------------- order
+@dataclass
+class ElementInfo:
+    """Where every element came from (arrays of length E, in the elements' row order).
+
+    ``source``: index of its concept-source image (in the order the images were given); ``kind``: index into
+    :data:`ELEMENT_KINDS`; ``position``: its rank among the elements of that kind of that image, in extraction
+    order (row-major cells; segments in selection order); ``count``: how many elements of that kind that image has.
+    """
+
+    source: np.ndarray
+    kind: np.ndarray
+    position: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def from_sources(cls, sources_per_kind: Sequence[tuple[str, np.ndarray]]) -> "ElementInfo":
+        """Build from (kind, source index of every element of that kind, in row order) blocks, kind-major."""
+        src, knd, pos, cnt = [], [], [], []
+        for kind, s in sources_per_kind:
+            s = np.asarray(s, dtype=np.int64)
+            p = np.zeros(len(s), dtype=np.int64)
+            seen: dict[int, int] = {}
+            for i, v in enumerate(s.tolist()):
+                p[i] = seen.get(v, 0)
+                seen[v] = p[i] + 1
+            src.append(s)
+            knd.append(np.full(len(s), ELEMENT_KINDS.index(kind), dtype=np.int64))
+            pos.append(p)
+            cnt.append(np.asarray([seen[v] for v in s.tolist()], dtype=np.int64))
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+        return cls(cat(src), cat(knd), cat(pos), cat(cnt))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"src": self.source, "kind": self.kind, "pos": self.position, "count": self.count}
+
+
+def official_order(labels: Sequence[int] | np.ndarray | torch.Tensor, info: ElementInfo) -> np.ndarray:
+    """The permutation that puts elements in the official code's file order (docs/spec.md §1.2).
+
+    The official embedding reads ``<class>/<image>_<i>.jpg`` files through ``ImageFolder``: class by class
+    (ascending label), image by image (source order), and within an image the file names in string order
+    (``_0, _1, _10, ..., _15, _2, ...``). Patch ``i`` is the i-th row-major cell; segment files are numbered in
+    reverse selection order (the official extractor pops its list of masks). With both kinds, patches come first.
+    """
+    lab = _as_label_array(labels)
+    if lab.shape[0] != info.source.shape[0]:
+        raise IISInputError(f"labels has {lab.shape[0]} entries but the element info has {info.source.shape[0]}")
+    seg = info.kind == ELEMENT_KINDS.index("segments")
+    file_index = np.where(seg, info.count - 1 - info.position, info.position)
+    keys = [(int(lab[e]), int(info.source[e]), int(info.kind[e]), f"{int(file_index[e])}.jpg")
+            for e in range(lab.shape[0])]
+    return np.asarray(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------- memo
@@ -376,7 +445,8 @@ def embed_concept_elements(embed_fn: EmbedFn,
                            std: Sequence[float] | torch.Tensor, kinds: Sequence[str] = ELEMENT_KINDS,
                            grid: int = 4, chunk_images: int = 8, batch_size: int = 64,
                            device: torch.device | str | None = None, progress: bool = True,
-                           memo: bool = False, **segment_opts) -> tuple[torch.Tensor, torch.Tensor]:
+                           memo: bool = False, return_info: bool = False, **segment_opts
+                           ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, ElementInfo]:
     """Make and embed every element of the concept-source images, streaming so memory stays small.
 
     ``images01`` is either a tensor [N, 3, H, W] with ``labels`` [N], or an iterable of
@@ -389,6 +459,7 @@ def embed_concept_elements(embed_fn: EmbedFn,
     ``memo=True`` (tensor input only): the element images are kept in a per-process memo keyed by the source
     images' content and the geometry, so a second call (another checkpoint of the same run) only embeds. Sets
     larger than :data:`ELEMENT_MEMO_BYTES` are streamed as without it. The result is identical either way.
+    ``return_info=True`` adds the :class:`ElementInfo` of every row (for :func:`official_order`).
     """
     kinds = _check_kinds(kinds)
     size = _check_out_size(out_size)
@@ -399,6 +470,8 @@ def embed_concept_elements(embed_fn: EmbedFn,
 
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     labs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    srcs: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
+    offset = 0
     key = cached = None
     if memo and isinstance(images01, torch.Tensor):
         images01 = _check_images(images01)
@@ -425,6 +498,8 @@ def embed_concept_elements(embed_fn: EmbedFn,
                 if el.shape[0]:
                     feats[kind].append(_embed_batches(embed_fn, el, mean_t, std_t, int(batch_size), device, None))
                     labs[kind].append(torch.as_tensor(lab[src], dtype=torch.long))
+                    srcs[kind].append(np.asarray(src, dtype=np.int64) + offset)
+            offset += imgs.shape[0]
             bar.update(imgs.shape[0])
     finally:
         bar.close()
@@ -433,4 +508,8 @@ def embed_concept_elements(embed_fn: EmbedFn,
     all_feats = [f for k in kinds for f in feats[k]]
     if not all_feats:
         raise IISInputError("no concept elements were produced: images01 is empty or every segment was rejected")
-    return torch.cat(all_feats), torch.cat([l for k in kinds for l in labs[k]])
+    out_feats, out_labels = torch.cat(all_feats), torch.cat([l for k in kinds for l in labs[k]])
+    if not return_info:
+        return out_feats, out_labels
+    info = ElementInfo.from_sources([(k, np.concatenate(srcs[k])) for k in kinds if srcs[k]])
+    return out_feats, out_labels, info

@@ -2,7 +2,7 @@
 
 - prototype: M elements themselves (stratified per class, or the first M);
 - cluster: k-means centres over up to ``max_elements`` elements;
-- end2end: a learned hard assignment of elements to M concepts (straight-through Gumbel-softmax);
+- end2end: the element matrix from which every head learns its own hard assignment (:func:`end2end_elements`);
 - text: concept vectors fitted Label-free-CBM style (see :func:`fit_text_projection`).
 
 Every builder is deterministic for a given seed.
@@ -10,7 +10,6 @@ Every builder is deterministic for a given seed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -63,12 +62,33 @@ def _normalise_rows(c: torch.Tensor) -> torch.Tensor:
     return F.normalize(c.float(), dim=1).contiguous()
 
 
-def _subsample(n: int, max_elements: int | None, seed: int) -> np.ndarray:
+ELEMENT_SUBSETS = ("random", "first")
+
+
+def element_subset(n: int, max_elements: int | None, subset: str = "random", seed: int = 0,
+                   order: np.ndarray | None = None) -> np.ndarray:
+    """Rows of the at most ``max_elements`` elements that cluster and end2end use (docs/spec.md §1.2).
+
+    ``"random"``: a seeded uniform choice, ascending. ``"first"``: the first ``max_elements`` of ``order`` (the
+    official file order from :func:`iis_fast.concepts.official_order`; default: row order), in that order.
+    """
+    if subset not in ELEMENT_SUBSETS:
+        raise IISInputError(f"element_subset={subset!r}: choose one of {ELEMENT_SUBSETS}")
+    if max_elements is not None and int(max_elements) < 1:
+        raise IISInputError(f"max_elements={max_elements}: must be a positive integer or None")
+    if subset == "first":
+        rows = np.arange(n) if order is None else _check_order(order, n)
+        return rows if max_elements is None else rows[: int(max_elements)]
     if max_elements is None or n <= int(max_elements):
         return np.arange(n)
-    if int(max_elements) < 1:
-        raise IISInputError(f"max_elements={max_elements}: must be a positive integer or None")
     return np.sort(np.random.default_rng(seed).choice(n, int(max_elements), replace=False))
+
+
+def _check_order(order: np.ndarray, n: int) -> np.ndarray:
+    o = np.asarray(order, dtype=np.int64)
+    if o.shape != (n,) or not np.array_equal(np.sort(o), np.arange(n)):
+        raise IISInputError(f"order must be a permutation of the {n} element rows")
+    return o
 
 
 # ------------------------------------------------------------------------------------------------ prototype
@@ -101,13 +121,14 @@ def stratified_indices(labels: torch.Tensor | np.ndarray, num: int, seed: int = 
 
 
 def prototype_library(element_feats: torch.Tensor, element_labels, num_concepts: int = 200, seed: int = 0,
-                      selection: str = "stratified") -> torch.Tensor:
-    """M element features as concepts: ``"stratified"`` (even per-class seeded pick) or ``"first"`` (first M)."""
+                      selection: str = "stratified", order: np.ndarray | None = None) -> torch.Tensor:
+    """M element features as concepts: ``"stratified"`` (even per-class seeded pick) or ``"first"`` (the first M
+    of ``order``: pass :func:`iis_fast.concepts.official_order` for the official pick; default: row order)."""
     feats = _as_feats(element_feats, "element_feats")
     labels = _as_labels(element_labels, feats.shape[0], "element_labels", "element_feats")
     m = _check_m(num_concepts, feats.shape[0], "prototype")
     if selection == "first":
-        idx = np.arange(m)
+        idx = (np.arange(feats.shape[0]) if order is None else _check_order(order, feats.shape[0]))[:m]
     elif selection == "stratified":
         idx = stratified_indices(labels, m, seed)
     else:
@@ -117,16 +138,18 @@ def prototype_library(element_feats: torch.Tensor, element_labels, num_concepts:
 
 # -------------------------------------------------------------------------------------------------- cluster
 def cluster_library(element_feats: torch.Tensor, num_concepts: int = 200, seed: int = 0,
-                    max_elements: int | None = 20000, n_init: int = 1, max_iter: int = 300) -> torch.Tensor:
-    """k-means (k-means++ init, ``random_state=seed``) over up to ``max_elements`` elements; C = unit centres."""
+                    max_elements: int | None = 20000, n_init: int = 1, max_iter: int = 300, subset: str = "random",
+                    order: np.ndarray | None = None) -> torch.Tensor:
+    """k-means (k-means++ init, ``random_state=seed``, float32 as the official call) over the
+    :func:`element_subset` of at most ``max_elements`` elements; C = unit centres."""
     from sklearn.cluster import KMeans
 
     feats = _as_feats(element_feats, "element_feats")
-    idx = _subsample(feats.shape[0], max_elements, seed)
+    idx = element_subset(feats.shape[0], max_elements, subset, seed, order)
     x = feats[torch.as_tensor(idx)]
     m = _check_m(num_concepts, x.shape[0], "cluster")
     km = KMeans(n_clusters=m, init="k-means++", n_init=n_init, max_iter=max_iter, random_state=seed)
-    km.fit(x.double().numpy())
+    km.fit(x.numpy())
     centres = torch.from_numpy(km.cluster_centers_).float()
     norms = centres.norm(dim=1)
     for j in torch.nonzero(norms < 1e-8).flatten().tolist():   # a centre of cancelling points: use a member
@@ -136,113 +159,20 @@ def cluster_library(element_feats: torch.Tensor, num_concepts: int = 200, seed: 
 
 
 # -------------------------------------------------------------------------------------------------- end2end
-@dataclass
-class End2EndResult:
-    """What :func:`end2end_library` learned (returned with ``return_details=True``)."""
+def end2end_elements(element_feats: torch.Tensor, num_concepts: int = 200, seed: int = 0,
+                     max_elements: int | None = 20000, subset: str = "random",
+                     order: np.ndarray | None = None) -> torch.Tensor:
+    """The frozen element matrix E [E, D] (unit rows) from which every end2end head learns its own assignment.
 
-    concepts: torch.Tensor            # [M, D] unit rows (argmax assignment, no noise)
-    assignment: torch.Tensor          # [E_used] concept id of every used element (argmax)
-    element_index: np.ndarray         # [E_used] indices into element_feats of the used elements
-    empty_concepts: list[int]         # concepts that got no element and fell back to their best element
-    train_accuracy: float             # accuracy on train_x of the jointly trained classifier, argmax concepts
-    losses: list[float] = field(default_factory=list)   # mean training loss per epoch
-
-
-def _gumbel_softmax_hard(logits: torch.Tensor, tau: float, generator: torch.Generator) -> torch.Tensor:
-    """Straight-through Gumbel-softmax as ``F.gumbel_softmax(hard=True)``, with seeded noise."""
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp_(1e-10, 1.0 - 1e-7)
-    u = u.to(logits.device)
-    gumbels = -torch.log(-torch.log(u))
-    soft = torch.softmax((logits + gumbels) / tau, dim=-1)
-    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
-def _concepts_from_assignment(assign: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    return F.normalize(assign.t() @ feats, dim=1)
-
-
-def end2end_library(element_feats: torch.Tensor, num_concepts: int = 200, seed: int = 0, *,
-                    train_x: torch.Tensor, train_y, max_elements: int | None = 20000, tau: float = 0.1,
-                    epochs: int = 10, lr: float = 1e-2, batch_size: int = 1024,
-                    max_train_samples: int | None = 50000, return_details: bool = False,
-                    device: torch.device | str | None = None) -> torch.Tensor | End2EndResult:
-    """A learned hard assignment of elements to M concepts; concept m = unit sum of its elements' features.
-
-    Trainable logits [E, M] (seeded small init) -> LayerNorm over M -> straight-through Gumbel-softmax (tau)
-    give a one-hot assignment; C = row-normalised (assignmentᵀ · feats). Trained jointly with a concept
-    classifier ``Linear(LayerNorm(x · Cᵀ))`` by cross-entropy on (train_x, train_y) with Adam.
-    The returned C uses the argmax assignment (no Gumbel noise). A concept with no element falls back to the
-    not-yet-used element with the highest LayerNorm'd logit for it, so no row is zero.
-    ``max_train_samples`` caps the training rows (seeded subsample; None = all). ``device`` runs the training
-    there (e.g. "cuda"); random numbers are drawn on the CPU so results do not depend on it. C returns on CPU.
+    The end2end library is not one matrix: each (s, lr) head of the grid learns q [E, M] jointly with its
+    classifier (docs/spec.md §1.2; :func:`iis_fast.score_features` with ``library="end2end"`` takes this E). The
+    rows are the same ``max_elements`` subset as :func:`cluster_library` uses (``subset``, ``order``).
     """
-    feats_all = _as_feats(element_feats, "element_feats")
-    x = _as_feats(train_x, "train_x")
-    y = _as_labels(train_y, x.shape[0], "train_y", "train_x")
-    if x.shape[1] != feats_all.shape[1]:
-        raise IISInputError(f"train_x has D={x.shape[1]} but element_feats has D={feats_all.shape[1]}; "
-                            "both must be features of the same backbone")
-    if not tau > 0:
-        raise IISInputError(f"tau={tau}: the Gumbel-softmax temperature must be positive")
-    if int(epochs) < 1 or int(batch_size) < 1 or not lr > 0:
-        raise IISInputError(f"epochs={epochs}, batch_size={batch_size}, lr={lr}: all must be positive")
-    el_idx = _subsample(feats_all.shape[0], max_elements, seed)
-    feats = feats_all[torch.as_tensor(el_idx)]
-    m = _check_m(num_concepts, feats.shape[0], "end2end")
-    rows = _subsample(x.shape[0], max_train_samples, seed + 1)
-    x, y = x[torch.as_tensor(rows)], y[torch.as_tensor(rows)]
-    n_classes = int(y.max()) + 1
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-
-    gen = torch.Generator().manual_seed(int(seed))
-    logits = torch.nn.Parameter((0.01 * torch.randn(feats.shape[0], m, generator=gen)).to(dev))
-    assign_norm = torch.nn.LayerNorm(m)
-    act_norm = torch.nn.LayerNorm(m)
-    head = torch.nn.Linear(m, n_classes)
-    with torch.no_grad():
-        torch.nn.init.trunc_normal_(head.weight, std=0.02, generator=gen)
-        head.bias.zero_()
-    assign_norm.to(dev), act_norm.to(dev), head.to(dev)
-    feats, x, y = feats.to(dev), x.to(dev), y.to(dev)
-    params = [logits, *assign_norm.parameters(), *act_norm.parameters(), *head.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-
-    losses: list[float] = []
-    n = x.shape[0]
-    for _ in range(int(epochs)):
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for start in range(0, n, int(batch_size)):
-            b = perm[start:start + int(batch_size)].to(dev)
-            assign = _gumbel_softmax_hard(assign_norm(logits), tau, gen)
-            c = _concepts_from_assignment(assign, feats)
-            loss = F.cross_entropy(head(act_norm(x[b] @ c.t())), y[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * b.numel()
-        losses.append(total / n)
-
-    with torch.no_grad():
-        scores = assign_norm(logits)
-        hard = scores.argmax(dim=1)
-        counts = torch.bincount(hard, minlength=m)
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        c = _concepts_from_assignment(F.one_hot(hard, m).float(), feats)
-        used: set[int] = set()
-        for j in empty:
-            order = torch.argsort(scores[:, j], descending=True, stable=True).tolist()
-            pick = next(i for i in order if i not in used)
-            used.add(pick)
-            c[j] = F.normalize(feats[pick], dim=0)
-        acc = float((head(act_norm(x @ c.t())).argmax(dim=1) == y).float().mean())
-    c = _normalise_rows(c.cpu())
-    hard = hard.cpu()
-    if not return_details:
-        return c
-    return End2EndResult(concepts=c, assignment=hard, element_index=el_idx, empty_concepts=empty,
-                         train_accuracy=acc, losses=losses)
+    feats = _as_feats(element_feats, "element_feats")
+    idx = element_subset(feats.shape[0], max_elements, subset, seed, order)
+    e = feats[torch.as_tensor(idx)]
+    _check_m(num_concepts, e.shape[0], "end2end")
+    return _normalise_rows(e)
 
 
 # ----------------------------------------------------------------------------------------------------- text
@@ -324,8 +254,8 @@ def build_library(kind: str, element_feats: torch.Tensor | None, element_labels=
                   seed: int = 0, **opts) -> torch.Tensor:
     """Build a concept library C [M, D] (unit rows) of ``kind`` in ``LIBRARY_KINDS``.
 
-    Options by kind: prototype ``selection``; cluster ``max_elements, n_init, max_iter``; end2end ``train_x,
-    train_y`` (required), ``max_elements, tau, epochs, lr, batch_size, max_train_samples``; text
+    Options by kind: prototype ``selection, order``; cluster ``max_elements, n_init, max_iter, subset, order``;
+    end2end ``max_elements, subset, order`` (returns the element matrix E of :func:`end2end_elements`, not C); text
     ``concept_vectors`` (required, e.g. from :func:`fit_text_projection`; element_feats may be None).
     """
     if kind == "prototype":
@@ -336,10 +266,7 @@ def build_library(kind: str, element_feats: torch.Tensor | None, element_labels=
                        "element_labels", "element_feats")
         return cluster_library(element_feats, num_concepts, seed, **opts)
     if kind == "end2end":
-        missing = [k for k in ("train_x", "train_y") if k not in opts]
-        if missing:
-            raise IISInputError(f"the end2end library needs {missing}: pass the TRAIN features and labels")
-        return end2end_library(element_feats, num_concepts, seed, **opts)
+        return end2end_elements(element_feats, num_concepts, seed, **opts)
     if kind == "text":
         if "concept_vectors" not in opts:
             raise IISInputError("the text library needs concept_vectors=[M, D]; fit them with "
