@@ -362,3 +362,37 @@ def test_bad_inputs_raise_clear_errors():
         make_elements(torch.zeros(2, 3, 8, 8), [0, 1], kinds=("patches", "boxes"), out_size=8)
     with pytest.raises(IISInputError, match="clip_image_feats has 5 rows"):
         fit_text_projection(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(3, 2))
+
+
+def _clip_world(n: int, seed: int):
+    """Backbone features x = A·(CLIP image features); 4 concepts aligned with image directions, 2 unrelated."""
+    gen = torch.Generator().manual_seed(seed)
+    k, d = 6, 10
+    clip_img = F.normalize(torch.randn(n, k, generator=gen) + 2.0 * torch.eye(k)[torch.randint(0, 4, (n,),
+                                                                                              generator=gen)], dim=1)
+    a = torch.randn(d, k, generator=torch.Generator().manual_seed(99))
+    text = torch.eye(k)                                   # concepts 4, 5: directions images barely use
+    text[4:] = F.normalize(torch.tensor([[0.0, 0, 0, 0, 1, 1], [0.0, 0, 0, 0, 1, -1]]), dim=1)
+    return clip_img @ a.t(), clip_img, text
+
+
+def test_fit_text_concepts_filters_fits_and_standardises():
+    from iis_fast.concepts import fit_text_concepts
+    x, ci, text = _clip_world(400, 0)
+    vx, vci, _ = _clip_world(200, 1)
+    ci[:, 4:] *= 0.1                                      # concepts 4, 5: top-5 similarity far below 0.25
+    vci[:, 4:] *= 0.1
+    tc = fit_text_concepts(x, ci, text, vx, vci, steps=300, lr=0.05, val_every=25, seed=0)
+    assert float(tc.clip_top5[4:].max()) <= 0.25 < float(tc.clip_top5[:4].min())
+    assert tc.kept.tolist() == [0, 1, 2, 3] and (tc.similarity > 0.45).all()
+    act = tc.activations(x)
+    torch.testing.assert_close(act.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(act.std(0), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(tc.library.norm(dim=1), torch.ones(4))
+    assert 0 <= tc.best_step < 300
+    # the official similarity is a distance the official loss maximises: its concepts point away from CLIP's
+    off = fit_text_concepts(x, ci, text, vx, vci, steps=300, lr=0.05, val_every=25, seed=0, reproduce="official")
+    assert (off.similarity > 0.45).all()
+    corr = [float(torch.corrcoef(torch.stack([(x @ off.vectors.t())[:, j], ci[:, int(c)]]))[0, 1])
+            for j, c in enumerate(off.kept)]
+    assert max(corr) < 0 < min(float(torch.corrcoef(torch.stack([act[:, j], ci[:, j]]))[0, 1]) for j in range(4))

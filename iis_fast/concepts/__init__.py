@@ -26,6 +26,7 @@ from .elements import (
     slic_label_maps,
 )
 from .official import embed_official_elements, raw_source_images
+from .text import TextConcepts, fit_text_concepts, mean_cubic_distance
 from .libraries import (
     ELEMENT_SUBSETS,
     LIBRARY_KINDS,
@@ -47,5 +48,6 @@ __all__ = [
     "segment_crop", "slic_label_maps", "segment_elements", "segment_elements_with_sources", "make_elements",
     "embed_elements", "embed_concept_elements", "clear_element_memo",
     "build_library", "prototype_library", "stratified_indices", "cluster_library", "end2end_elements",
-    "fit_text_projection", "cos_cubed_similarity", "text_library",
+    "fit_text_projection", "cos_cubed_similarity", "text_library", "TextConcepts", "fit_text_concepts",
+    "mean_cubic_distance",
 ]
