@@ -20,9 +20,11 @@ Which script writes which file:
 - ``probe_comparison`` / ``probe_summary``: ``bench/probe_comparison.py`` -> ``probe_comparison.json``;
 - ``demo``: ``bench/bench_demo.py`` -> ``demo.json`` (``iis-fast demo`` from an empty cache);
 - ``gpu_check``: ``bench/gpu_check.sh`` (``bench/gpu_check.py``) -> ``gpu_check.json``;
-- ``score_floor``: ``bench/bench_score.py`` -> ``score_floor.json`` (score() against its backbone floor).
+- ``score_floor``: ``bench/bench_score.py`` -> ``score_floor.json`` (score() against its backbone floor);
+- ``probe_defaults``: ``bench/probe_official_vs_previous.py`` -> ``probe_official_vs_previous.json`` (How to Probe:
+  official attribution forms against iis_fast's earlier defaults).
 
-The last two are rendered by their script's own ``render_markdown``; while the script or its results file is
+The last three are rendered by their script's own ``render_markdown``; while the script or its results file is
 missing, the section says "not yet measured".
 """
 from __future__ import annotations
@@ -298,6 +300,12 @@ def render_score_floor() -> str:
     return _rendered_by("bench_score", "score_floor.json", "OMP_NUM_THREADS=2 python bench/bench_score.py")
 
 
+def render_probe_defaults() -> str:
+    """How to Probe's official attribution forms against the earlier defaults (the bench script's Markdown)."""
+    return _rendered_by("probe_official_vs_previous", "probe_official_vs_previous.json",
+                        "python bench/probe_official_vs_previous.py")
+
+
 #: Section name -> renderer (Markdown without the markers).
 SECTIONS: dict[str, Callable[[], str]] = {
     "bench_grid": render_bench_grid,
@@ -310,6 +318,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "demo": render_demo,
     "gpu_check": render_gpu_check,
     "score_floor": render_score_floor,
+    "probe_defaults": render_probe_defaults,
 }
 
 
