@@ -26,7 +26,7 @@ rm -rf "$VENV2"
 "$ROOT/.venv/bin/python" -c "import sys; print(sys._base_executable)" >/dev/null
 BASE_PY=$("$ROOT/.venv/bin/python" -c "import sys; print(sys._base_executable)")
 "$BASE_PY" -m venv "$VENV2"
-"$VENV2/bin/python" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt "$whl[weights,dev]"
+"$VENV2/bin/python" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt "$whl[all]"
 "$VENV2/bin/python" -m pip check
 
 cd "$OUT"                          # away from the source tree: everything below uses the installed wheel
