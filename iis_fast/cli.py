@@ -43,6 +43,10 @@ def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False
     g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     g.add_argument("--extract-batch-size", type=int, default=extract_batch_size,
                    help=f"backbone batch size (default {extract_batch_size})")
+    g.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="backbone compute dtype for feature extraction (default auto: bfloat16 on a GPU or a CPU "
+                        "with native bf16, else float32; its IIS effect is measured in docs/throughput.md)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone for extraction")
     g.add_argument("--cache-dir", default=None,
                    help="feature cache directory (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
 
@@ -76,7 +80,8 @@ def score_options(args: argparse.Namespace) -> dict:
     libs = [v.strip() for v in args.library.split(",") if v.strip()]
     opts = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=args.num_concepts, epochs=args.epochs,
                 images_per_class=args.images_per_class, seed=args.seed, backend=args.backend, device=args.device,
-                extract_batch_size=args.extract_batch_size, cache_dir=args.cache_dir)
+                extract_batch_size=args.extract_batch_size, cache_dir=args.cache_dir,
+                extract_dtype=args.extract_dtype, compile=args.compile)
     if getattr(args, "official", False):
         opts["reproduce"] = "official"
     if getattr(args, "elements", None):
@@ -185,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `iis-fast`; bad input ends with exit status 2 and a message naming the problem."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+    # a warning (a checkpoint unwrapped, a result at chance level, ...) is one line on the command line
+    warnings.formatwarning = lambda message, category, *_, **__: f"iis-fast: {category.__name__}: {message}\n"
     from .errors import IISInputError
     try:
         if getattr(args, "sparsities", None) or getattr(args, "lrs", None):

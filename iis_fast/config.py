@@ -70,6 +70,9 @@ class IISConfig:
     cache_dir: str | None = None        # None: ~/.cache/iis_fast (or $IIS_FAST_CACHE)
     progress: bool = True
     extract_batch_size: int = 64
+    extract_dtype: str = "auto"         # backbone compute dtype: auto | float32 | bfloat16 | float16 (resolved per device)
+    channels_last: bool = True          # run the backbone in channels-last memory format (same fp32 math)
+    compile: bool = False               # torch.compile the backbone's forward for extraction
 
     def __post_init__(self) -> None:
         self.sparsities = tuple(float(s) for s in self.sparsities)
@@ -82,6 +85,9 @@ class IISConfig:
         except (RuntimeError, TypeError, ValueError):
             raise IISInputError(f"device={self.device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1', "
                                 "'mps', ...") from None
+        if self.extract_dtype == "auto":
+            from .features import resolve_extract_dtype
+            self.extract_dtype = resolve_extract_dtype("auto", self.device)
         self.validate()
 
     def _resolve_preset(self) -> None:
@@ -127,6 +133,8 @@ class IISConfig:
         for name, choices in PRESET_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise IISInputError(f"{name}={getattr(self, name)!r}: choose one of {choices}")
+        if self.extract_dtype not in ("float32", "float16", "bfloat16"):
+            raise IISInputError(f"extract_dtype={self.extract_dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise IISInputError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
         for frac in ("selection_fraction", "eval_fraction"):

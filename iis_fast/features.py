@@ -50,14 +50,51 @@ def _find_classifier(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def representation_fn(model: nn.Module, layer: str | None = None) -> EmbedFn:
-    """A function images -> [B, D] representation of `model` (in eval mode, no grad).
+EXTRACT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                          "float16": torch.float16}
+
+
+def resolve_extract_dtype(extract_dtype: str, device: str | torch.device) -> str:
+    """The backbone's compute dtype for extraction: ``extract_dtype`` itself, or for ``"auto"`` the measured
+    default of the device (docs/throughput.md): ``bfloat16`` on a CUDA GPU, and on a CPU with native bf16
+    (AVX-512 BF16 / AMX), ``float32`` elsewhere. Features are always stored as float32."""
+    if extract_dtype != "auto":
+        if extract_dtype not in EXTRACT_DTYPES:
+            raise IISInputError(f"extract_dtype={extract_dtype!r}: choose auto, {', '.join(EXTRACT_DTYPES)}")
+        return extract_dtype
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bfloat16"
+    if dev.type == "cpu" and _cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def representation_fn(model: nn.Module, layer: str | None = None, *, dtype: str = "float32",
+                      channels_last: bool = False, compile: bool = False) -> EmbedFn:
+    """A function images -> [B, D] float32 representation of `model` (in eval mode, inference mode).
 
     - `layer` given: the (pooled) output of that named submodule;
     - timm models: ``forward_head(forward_features(x), pre_logits=True)``;
     - torchvision-style models: the input of the final classifier Linear.
+
+    Speed options (the numbers they change are measured in docs/throughput.md): ``dtype`` runs the backbone
+    under ``torch.autocast`` in bfloat16 or float16; ``channels_last`` converts the model and every batch to
+    channels-last memory format (same fp32 math, faster convolutions); ``compile`` wraps the forward in
+    ``torch.compile`` (layer hooks excluded).
     """
     model.eval()
+    if dtype not in EXTRACT_DTYPES:
+        raise IISInputError(f"dtype={dtype!r}: choose one of {', '.join(EXTRACT_DTYPES)}")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if layer is not None:
         try:
             sub = model.get_submodule(layer)
@@ -65,21 +102,30 @@ def representation_fn(model: nn.Module, layer: str | None = None) -> EmbedFn:
             names = [n for n, _ in model.named_modules() if n][-8:]
             raise IISInputError(f"layer={layer!r} is not a submodule of {type(model).__name__}; "
                                 f"the last few are {names}") from None
-        return _hooked(model, sub, lambda mod, inp, out: _pool(out, f"layer {layer!r}"), forward=True)
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        @torch.no_grad()
-        def timm_embed(x: torch.Tensor) -> torch.Tensor:
+        raw = _hooked(model, sub, lambda mod, inp, out: _pool(out, f"layer {layer!r}"), forward=True)
+    elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        def raw(x: torch.Tensor) -> torch.Tensor:
             return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
-        return timm_embed
-    clf = _find_classifier(model)
-    if clf is None:
-        raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm model "
-                            "nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
-    return _hooked(model, clf, lambda mod, inp: inp[0].flatten(1), forward=False)
+        if compile:
+            raw = torch.compile(raw, dynamic=True)
+    else:
+        clf = _find_classifier(model)
+        if clf is None:
+            raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm "
+                                "model nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
+        raw = _hooked(model, clf, lambda mod, inp: inp[0].flatten(1), forward=False)
+    amp = EXTRACT_DTYPES[dtype]
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp != torch.float32):
+            out = raw(x).float()
+        return out.clone()          # a normal tensor (inference tensors cannot enter autograd later)
+    return embed
 
 
 def _hooked(model: nn.Module, sub: nn.Module, grab: Callable, forward: bool) -> EmbedFn:
-    @torch.no_grad()
     def embed(x: torch.Tensor) -> torch.Tensor:
         box: list[torch.Tensor] = []
         if forward:

@@ -1,7 +1,6 @@
 """`score_features`: IIS from precomputed features and a concept matrix (docs/spec.md §1.3-1.6). The engine's core."""
 from __future__ import annotations
 
-import gc
 import os
 import time
 from typing import Any
@@ -212,13 +211,15 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     net, model_name = _resolve_model(model, checkpoint, checkpoint_key, model_kwargs)
     net = net.to(cfg.device).eval()
     pre = _preprocessing(net, image_mean, image_std, image_size)
-    owned_loaders = isinstance(loader, (str, os.PathLike)) or isinstance(eval_loader, (str, os.PathLike))
     from .data.sources import resolve_data
     from .features import FeatureCache, data_fingerprint, default_cache_dir, extract, model_fingerprint, \
         representation_fn
     loader, eval_loader = resolve_data(loader, eval_loader, pre, cache_dir=cfg.cache_dir or default_cache_dir(),
                                        batch_size=cfg.extract_batch_size, device=cfg.device)
-    embed = expect_channels(representation_fn(net, layer), input_channels(net), model_name)
+    embed = representation_fn(net, layer, dtype=cfg.extract_dtype, channels_last=cfg.channels_last,
+                              compile=cfg.compile)
+    extraction = f"{cfg.extract_dtype}|cl={int(cfg.channels_last)}|compile={int(cfg.compile)}"
+    embed = expect_channels(embed, input_channels(net), model_name)
     cache = FeatureCache(cfg.cache_dir)
     mfp = model_fingerprint(net, layer)
     timings["model"] = time.perf_counter() - t
@@ -226,7 +227,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     def features_of(split_loader: Any, name: str, keep: int) -> tuple[Any, Any]:
         t0 = time.perf_counter()
         # the kept concept-source images are part of the entry: another images_per_class is another entry
-        key = cache.key("features", mfp, data_fingerprint(split_loader), f"keep={keep}")
+        key = cache.key("features", mfp, data_fingerprint(split_loader), extraction, f"keep={keep}")
         needed = ("x", "y", "src_images", "src_labels", "src_index") if keep else ("x", "y")
         hit = cache.get(key, required=needed)
         timings[f"fingerprint_{name}"] = time.perf_counter() - t0
@@ -264,11 +265,6 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     t0 = time.perf_counter()
     concepts = _concept_library(cfg, cache, train_key, train, embed, pre, loader, concept_vectors)
     timings["concepts"] = time.perf_counter() - t0
-    if owned_loaders:
-        # FFCV loaders hold numba objects whose finalizers, if the cyclic GC runs them inside compile()/ast.parse,
-        # break CPython 3.11's parser ("AST constructor recursion depth mismatch"): release them here, now.
-        del loader, eval_loader, owned_loaders
-        gc.collect()
     opts = cfg.to_dict()
     return score_features(train_x, train_y, np.asarray(ev_x), np.asarray(ev_y),
                           concepts, _timings=timings,

@@ -61,3 +61,44 @@ def test_score_names_a_corrupt_beton_before_any_work(tmp_path, pretrained_mobile
     bad.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(DataFileError, match="broken.beton"):
         score(pretrained_mobilenet, str(bad), **OPTS)
+
+
+def test_beton_loaders_are_built_once_per_process_and_file_state(betons, pretrained_mobilenet, tmp_path):
+    """A .beton path gives the process's one loader for (file, pipeline): a sweep worker pays FFCV's pipeline
+    compilation once per split, not per checkpoint; a rewritten file gets a new loader."""
+    from iis_fast.data.loaders import _HELD, resolve_loader
+    d, _, _ = betons
+    pre = preprocessing_config(pretrained_mobilenet)
+    kw = dict(image_size=SIZE, mean=pre["mean"], std=pre["std"], batch_size=64, device="cpu")
+    a = resolve_loader(str(d / "test.beton"), **kw)
+    assert resolve_loader(d / "test.beton", **kw) is a
+    first = [y for _, y in a]
+    again = [y for _, y in a]                       # re-iterated: every sample once more, in order
+    assert torch.equal(torch.cat(first), torch.cat(again)) and sum(len(y) for y in first) == 100
+    assert resolve_loader(str(d / "test.beton"), **{**kw, "batch_size": 32}) is not a
+    copy = tmp_path / "copy.beton"
+    copy.write_bytes((d / "test.beton").read_bytes())
+    b = resolve_loader(copy, **kw)
+    copy.write_bytes((d / "test.beton").read_bytes())       # same bytes, new mtime: a new file state
+    import os
+    os.utime(copy, ns=(0, 10**9))
+    assert resolve_loader(copy, **kw) is not b
+    assert len(_HELD) >= 3
+
+
+def test_a_process_that_scored_a_beton_exits_without_finalizer_noise(betons, tmp_path):
+    import subprocess
+    import sys
+    d, _, _ = betons
+    code = f"""
+import iis_fast
+from iis_fast.models import create_model
+m = create_model("iis_smallcnn")
+r = iis_fast.score(m, {str(d / 'train.beton')!r}, eval_loader={str(d / 'test.beton')!r}, cache_dir={str(tmp_path)!r},
+                   num_concepts=20, images_per_class=2, epochs=1, sparsities=(0.0,), lrs=(0.1,), progress=False)
+print("IIS", r.iis)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "IIS" in r.stdout
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr

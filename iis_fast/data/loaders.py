@@ -10,7 +10,12 @@ import torch
 
 from ..errors import DataFileError, IISInputError
 
-__all__ = ["resolve_loader"]
+__all__ = ["resolve_loader", "held_ffcv_loader", "release_ffcv_loaders"]
+
+#: FFCV loaders of this process, by file state and pipeline: a new FFCV loader compiles its numba pipeline on its
+#: first epoch (1.5-2 s), and dropping one makes numba's finalizers print tracebacks. So a process builds one loader
+#: per (file, pipeline) and re-iterates it: a sweep worker pays the compile once per split, not per checkpoint.
+_HELD: dict[tuple, Any] = {}
 
 
 def resolve_loader(
@@ -52,11 +57,35 @@ def resolve_loader(
         if not p.exists():
             raise DataFileError(f"data file {str(p)!r}: no such file or directory (expected an FFCV .beton file "
                                 "or an image folder)")
-        from .ffcv_loader import ffcv_loader
-        return ffcv_loader(p, image_size, mean, std, batch_size=batch_size, num_workers=num_workers,
-                           device=device, order="sequential", drop_last=False, crop_pct=crop_pct,
-                           num_classes=num_classes)
+        return held_ffcv_loader(p, image_size=image_size, mean=mean, std=std, batch_size=batch_size,
+                                num_workers=num_workers, device=device, crop_pct=crop_pct, num_classes=num_classes)
     if isinstance(data, (bytes, bytearray)) or not hasattr(data, "__iter__"):
         raise IISInputError(f"data must be a .beton path, an image folder, or an iterable of (images, labels) "
                             f"batches (FFCV Loader, torch DataLoader, ...), got {type(data).__name__}")
     return data
+
+
+def held_ffcv_loader(path: Path, *, image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
+                     batch_size: int, num_workers: int | None, device: str | torch.device, crop_pct: float,
+                     num_classes: int | None) -> Any:
+    """The process's sequential eval FFCV loader for ``path`` with this pipeline, built on first use (see _HELD).
+
+    Keyed by the file's absolute path, size and mtime, so a rewritten file gets a new loader.
+    """
+    from .ffcv_loader import ffcv_loader
+    st = path.stat()
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size),)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, size, tuple(float(v) for v in mean),
+           tuple(float(v) for v in std), int(batch_size), num_workers, str(device), float(crop_pct), num_classes)
+    if key not in _HELD:
+        _HELD[key] = ffcv_loader(path, image_size, mean, std, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, order="sequential", drop_last=False, crop_pct=crop_pct,
+                                 num_classes=num_classes)
+    return _HELD[key]
+
+
+def release_ffcv_loaders() -> int:
+    """Drop every held FFCV loader (frees their buffers); returns how many there were."""
+    n = len(_HELD)
+    _HELD.clear()
+    return n
