@@ -32,6 +32,7 @@ standard backbone with a B-cos probe; ``explanation_mode=True`` detaches the hea
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
@@ -145,6 +146,8 @@ def _head_mode(model: "ProbedModel", explain: bool) -> contextlib.AbstractContex
 
 
 _SHORTCUT_NAMES = frozenset({"downsample", "shortcut", "skip"})
+# backbone -> its resolved last convolution (None: use the final map), found once per backbone object
+_LAST_CONV: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
 
 
 def last_conv(backbone: nn.Module, x: torch.Tensor) -> nn.Module | None:
@@ -155,8 +158,11 @@ def last_conv(backbone: nn.Module, x: torch.Tensor) -> nn.Module | None:
     the residual add, as the official code's ``layer4[-1].conv3``; for MobileNetV2 / EfficientNet ``conv_head``
     (before its BatchNorm + activation). The order is found by running ``x[:1]`` once with hooks. Token
     backbones (ViTs), whose last convolution is the patch embedding, and backbones without a convolution
-    give ``None``: Grad-CAM then uses the final map (``layer="features"``).
+    give ``None``: Grad-CAM then uses the final map (``layer="features"``). The result is remembered per
+    backbone object.
     """
+    if backbone in _LAST_CONV:
+        return _LAST_CONV[backbone]
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: order.append(mod))
              for name, m in backbone.named_modules()
@@ -169,9 +175,9 @@ def last_conv(backbone: nn.Module, x: torch.Tensor) -> nn.Module | None:
             h.remove()
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if not order or not isinstance(out, torch.Tensor) or out.dim() != 4:
-        return None
-    return order[-1]
+    found = order[-1] if order and isinstance(out, torch.Tensor) and out.dim() == 4 else None
+    _LAST_CONV[backbone] = found
+    return found
 
 
 def _find_layer(backbone: nn.Module, name: str) -> nn.Module:
