@@ -409,6 +409,18 @@ def test_box_mode_epg_and_errors():
     for m in ("ixg", "gradcam"):       # the box is the whole image: 1, or 0 when no attribution is positive
         v = q.per_map[m]["epg"][2].item()
         assert v == pytest.approx(1.0) or v == 0.0
+    # multi-label images: {class: boxes} explains every class against its own boxes (official VOC/COCO EPG)
+    multi = [{0: [(0, 0, 8, 8)], 2: [(8, 8, 16, 16)]}, {1: [(4, 4, 16, 16)]}, [(0, 0, 16, 8)]]
+    qm = attribution_quality(model, x, y, methods=("gradcam",), metrics=("epg", "entropy"), boxes=multi)
+    epg = qm.per_map["gradcam"]["epg"]
+    assert epg.shape == (3, 2) and torch.isnan(epg[1:, 1]).all() and not torch.isnan(epg[0]).any()
+    for i, (c, bx) in enumerate([(0, [(0, 0, 8, 8)]), (2, [(8, 8, 16, 16)])]):     # image 0, one class at a time
+        one = attribution_quality(model, x[:1], torch.tensor([c]), methods=("gradcam",), metrics=("epg",),
+                                  boxes=[bx])
+        assert epg[0, i].item() == pytest.approx(one.per_map["gradcam"]["epg"][0, 0].item(), abs=1e-6)
+    assert qm.scores["gradcam"]["epg"] == pytest.approx(float(epg[~torch.isnan(epg)].mean()))
+    with pytest.raises(IISInputError, match="class: boxes"):
+        attribution_quality(model, x, torch.eye(3), metrics=("epg",), boxes=[[(0, 0, 8, 8)]] * 3)
     with pytest.raises(IISInputError, match="epg"):
         attribution_quality(model, x, y, metrics=("epg",))
     with pytest.raises(IISInputError, match="unknown method"):

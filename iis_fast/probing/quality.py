@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ class AttributionQuality:
 
     Attributes:
         scores: ``{method: {metric: mean over maps}}``.
-        per_map: ``{method: {metric: tensor}}`` (``[N, T]`` on grids, ``[N]`` with boxes).
+        per_map: ``{method: {metric: tensor}}``, ``[N, T]``: T = g*g on grids; with boxes, T = the most classes
+            explained on one image (1 for single-label boxes), NaN where an image has fewer.
         maps_per_s: ``{method: maps per second}`` of the attribution step.
         grids: the :class:`GridSet` used (None in box mode).
         maps: ``{method: [N, T, H, W]}`` when ``return_maps`` was set.
@@ -47,7 +48,8 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
                         methods: str | Sequence[str] = ("ixg", "gradcam", "ig"),
                         metrics: str | Sequence[str] = ("gridpg", "entropy", "gini"), *, grid_size: int = 3,
                         n_grids: int = 8, seed: int = 0, threshold: float = 0.95, grids: GridSet | None = None,
-                        boxes: Sequence[Sequence[Sequence[float]]] | None = None, ig_steps: int = 50,
+                        boxes: Sequence[Sequence[Sequence[float]] | Mapping[int, Sequence[Sequence[float]]]] | None = None,
+                        ig_steps: int = 50,
                         ig_method: str = "gausslegendre", gradcam_layer: str | nn.Module = "last_conv",
                         gradcam_relu: bool = False, explanation_mode: bool = False, smoothing: str | None = None,
                         batched: bool = True, return_maps: bool = False) -> AttributionQuality:
@@ -58,8 +60,10 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
     ``grids`` to reuse one :class:`GridSet` across probes). Every cell's class is a target, all targets of a
     grid come from one forward; metrics ``gridpg``, ``entropy``, ``gini``.
 
-    Box mode (``boxes`` given, one list of ``(x0, y0, x1, y1)`` per image): each image is explained for its
-    label; metrics ``epg``, ``entropy``, ``gini``.
+    Box mode (``boxes`` given, one entry per image; metrics ``epg``, ``entropy``, ``gini``): an entry is a list of
+    ``(x0, y0, x1, y1)`` boxes, and the image is explained for its label; or, for multi-label images, a mapping
+    ``{class: boxes}``, and the image is explained for every class in it, each scored against its own boxes (the
+    official VOC / COCO EPG; ``labels`` is then not used for that image). Scores average the explained maps.
 
     Methods: ``ixg``, ``gradcam``, ``ig``, ``bcos`` (B-cos heads only; asking for it on another head raises).
     See :mod:`iis_fast.probing.attribution`. ``batched=False`` computes one target at a time (same maps).
@@ -92,8 +96,8 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
             raise IISInputError("metrics: 'gridpg' is computed on grids; leave boxes=None for it")
         if len(boxes) != x.shape[0]:
             raise IISInputError(f"boxes must have one entry per image ({x.shape[0]}), got {len(boxes)}")
-        gs, inputs, targets, g = None, x, y.unsqueeze(1), 0
-        masks = torch.stack([boxes_to_mask(b, x.shape[-2], x.shape[-1]) for b in boxes]).unsqueeze(1)
+        gs, inputs, g = None, x, 0
+        targets, masks, valid = _box_targets(boxes, y, x.shape[-2], x.shape[-1])
     scores: dict[str, dict[str, float]] = {}
     per_map: dict[str, dict[str, torch.Tensor]] = {}
     speed: dict[str, float] = {}
@@ -114,8 +118,38 @@ def attribution_quality(model_with_head: nn.Module, images: torch.Tensor, labels
                 vals[met] = entropy(a, smoothing)
             else:
                 vals[met] = gini(a)
+        if boxes is not None:       # padded targets of images with fewer classes: computed, then dropped
+            vals = {k: v.float().masked_fill(~valid, float("nan")) for k, v in vals.items()}
         per_map[meth] = vals
-        scores[meth] = {k: float(v.float().mean()) for k, v in vals.items()}
+        scores[meth] = {k: float(v.float().nanmean()) for k, v in vals.items()}
         if return_maps:
             kept[meth] = a
     return AttributionQuality(scores, per_map, speed, gs, kept)
+
+
+def _box_targets(boxes: Sequence[Any], labels: torch.Tensor, height: int,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets ``[N, T]``, box masks ``[N, T, H, W]`` and which entries are real ``[N, T]`` for box mode.
+
+    An entry of ``boxes`` that is a mapping ``{class: boxes}`` gives one target per class (in class order); a list
+    of boxes gives the image's label. Images with fewer than T classes repeat their first one (marked not real).
+    """
+    per_image: list[list[tuple[int, Any]]] = []
+    for i, b in enumerate(boxes):
+        if isinstance(b, Mapping):
+            if not b:
+                raise IISInputError(f"boxes[{i}] is an empty mapping; give at least one class with its boxes")
+            per_image.append([(int(c), bx) for c, bx in sorted(b.items())])
+        elif labels.dim() != 1:
+            raise IISInputError(f"boxes[{i}]: with multi-hot labels give each image's boxes as {{class: boxes}}")
+        else:
+            per_image.append([(int(labels[i]), b)])
+    n, t = len(per_image), max(len(p) for p in per_image)
+    targets = torch.zeros(n, t, dtype=torch.long)
+    masks = torch.zeros(n, t, height, width, dtype=torch.bool)
+    valid = torch.zeros(n, t, dtype=torch.bool)
+    for i, p in enumerate(per_image):
+        targets[i] = p[0][0]
+        for j, (c, bx) in enumerate(p):
+            targets[i, j], masks[i, j], valid[i, j] = c, boxes_to_mask(bx, height, width), True
+    return targets, masks, valid
