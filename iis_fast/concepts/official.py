@@ -119,7 +119,7 @@ def official_embedding_input(element: np.ndarray, out_size: Sequence[int] | int)
     import torchvision.transforms.functional as TF
 
     h, w = _check_out_size(out_size)
-    t = torch.from_numpy(np.ascontiguousarray(element)).permute(2, 0, 1)
+    t = torch.from_numpy(np.array(element, dtype=np.uint8, copy=True)).permute(2, 0, 1)
     t = TF.resize(t, int(round(min(h, w) * RESIZE_RATIO)), interpolation=TF.InterpolationMode.BILINEAR,
                   antialias=True)
     t = TF.center_crop(t, [h, w])
