@@ -1,4 +1,4 @@
-"""GridPG grids (docs/spec.md §2.2): g x g tilings of distinct-class images that every given model classifies
+"""GridPG grids (docs/spec.md §2.3): g x g tilings of distinct-class images that every given model classifies
 correctly and confidently (softmax probability of the label >= 0.95), seeded."""
 from __future__ import annotations
 

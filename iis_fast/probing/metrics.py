@@ -1,4 +1,4 @@
-"""Attribution-quality metrics (docs/spec.md §2.2), on maps ``A`` with channels already summed, at
+"""Attribution-quality metrics (docs/spec.md §2.3), on maps ``A`` with channels already summed, at
 input resolution.
 
 Order: smooth, then clip: ``S = smooth(A)``, ``P = max(S, 0)``. The smoothing follows the official evaluation

@@ -1,5 +1,5 @@
 """``attribution_quality``: attribution maps of a model with a probe head, scored by the metrics of docs/spec.md
-§2.2."""
+§2.3."""
 from __future__ import annotations
 
 import time
