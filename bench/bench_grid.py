@@ -59,14 +59,15 @@ def make_data(n: int, n_eval: int, k: int, seed: int = 0):
     return x[:n].contiguous(), y[:n].contiguous(), x[n:].contiguous(), y[n:].contiguous(), c
 
 
-def needed_flops(n: int, n_eval: int, k: int, epochs: int) -> dict[str, float]:
+def needed_flops(n: int, n_eval: int, k: int, epochs: int, d: int = D, m: int = M,
+                 sparsities=DEFAULT_SPARSITIES, lrs=DEFAULT_LRS) -> dict[str, float]:
     """FLOPs a grid run really needs (multiply-add = 2), with sparse heads charged for kept entries only."""
-    spec = GridSpec(num_classes=k, sparsities=DEFAULT_SPARSITIES, lrs=DEFAULT_LRS)
-    n_lr = len(DEFAULT_LRS)
-    kept = sum(M - kk - 1 for kk in spec.ks(M)) * n_lr               # sum over the 24 concept heads
-    train = 4.0 * n * D * k * n_lr + 6.0 * n * kept * k              # per epoch: fwd + dW (+ dz for heads)
-    evals = 2.0 * n_eval * D * k * n_lr + 2.0 * n_eval * kept * k    # per epoch: forward on the eval split
-    proj = 2.0 * (n + n_eval) * D * M                                # once: ahat = LN(x Cᵀ) of both splits
+    spec = GridSpec(num_classes=k, sparsities=sparsities, lrs=lrs)
+    n_lr = len(lrs)
+    kept = sum(m - kk - 1 for kk in spec.ks(m)) * n_lr               # sum over the concept heads (24 by default)
+    train = 4.0 * n * d * k * n_lr + 6.0 * n * kept * k              # per epoch: fwd + dW (+ dz for heads)
+    evals = 2.0 * n_eval * d * k * n_lr + 2.0 * n_eval * kept * k    # per epoch: forward on the eval split
+    proj = 2.0 * (n + n_eval) * d * m                                # once: ahat = LN(x Cᵀ) of both splits
     return {"per_epoch": train + evals, "projection_once": proj, "run": proj + epochs * (train + evals),
             "run_30": proj + 30 * (train + evals)}
 
