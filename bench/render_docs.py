@@ -153,7 +153,8 @@ def render_sweep() -> str:
 def render_example_report() -> str:
     """The committed example sweep (docs/example_report/): the commands, their times, the correlations."""
     res = load("example_report.json")
-    lines = ["```bash"] + [f"{c['command']:<100} # {_minutes(c['wall_s'])}" for c in res["commands"]] + ["```", ""]
+    width = max(len(c["command"]) for c in res["commands"])
+    lines = ["```bash"] + [f"{c['command']:<{width}}  # {_minutes(c['wall_s'])}" for c in res["commands"]] + ["```", ""]
     first, last = res["first"], res["last"]
     lines.append(f"{res['ok']} of {res['checkpoints']} checkpoints scored (steps {first['step']}..{last['step']}; "
                  f"the model's own test accuracy {first['test_acc']:.3f} -> {last['test_acc']:.3f}). IIS "
@@ -280,12 +281,12 @@ def render_demo() -> str:
     return "\n".join(lines)
 
 
-def _rendered_by(script: str, results: str, command: str) -> str:
-    """The Markdown that ``bench/<script>.py``'s own ``render_markdown(results)`` makes of ``bench/results/<results>``,
-    or a note that it has not been measured yet while either file is missing."""
+def _rendered_by(script: str, results: str, command: str, function: str = "render_markdown") -> str:
+    """The Markdown that ``bench/<script>.py``'s own ``function(results: dict) -> str`` makes of
+    ``bench/results/<results>``, or a note that it has not been measured yet while either file is missing."""
     if not ((ROOT / "bench" / f"{script}.py").exists() and (RESULTS / results).exists()):
         return f"Not yet measured: `bench/results/{results}` does not exist. `{command}` writes it."
-    return _load_local(script).render_markdown(load(results)).strip()
+    return getattr(_load_local(script), function)(load(results)).strip()
 
 
 def render_gpu_check() -> str:
@@ -303,7 +304,7 @@ def render_score_floor() -> str:
 
 def render_libraries() -> str:
     """IIS per concept library, default and official settings (bench/bench_libraries.py's Markdown)."""
-    return _rendered_by("bench_libraries", "libraries.json", "python bench/bench_libraries.py")
+    return _rendered_by("bench_libraries", "libraries.json", "python bench/bench_libraries.py", "render")
 
 
 def render_probe_defaults() -> str:
