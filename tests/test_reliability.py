@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 import warnings
 
 import numpy as np
@@ -109,7 +110,7 @@ def test_devices_that_do_not_exist_are_named(real_features):
 # ------------------------------------------------------------------------------------- score(): images
 @pytest.fixture(scope="module")
 def fm_images(fmnist_train, pretrained_mobilenet):
-    """300 Fashion-MNIST train images (30 per class) at 48 px, normalised for MobileNetV2: (grey [N,1], rgb [N,3], y)."""
+    """300 Fashion-MNIST train images (30 per class) at 48 px for MobileNetV2: (grey [N, 1], normalised rgb, y)."""
     from iis_fast.data.fashion_mnist import stratified_subset
     from iis_fast.models import preprocessing_config
     images, labels = fmnist_train
@@ -117,7 +118,8 @@ def fm_images(fmnist_train, pretrained_mobilenet):
     pre = preprocessing_config(pretrained_mobilenet)
     x = torch.nn.functional.interpolate(torch.from_numpy(images[idx]).float().div(255).unsqueeze(1), size=48,
                                         mode="bilinear", antialias=True)
-    rgb = (x.expand(-1, 3, -1, -1) - torch.tensor(pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(pre["mean"]).view(1, 3, 1, 1), torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    rgb = (x.expand(-1, 3, -1, -1) - mean) / std
     return x.contiguous(), rgb.contiguous(), torch.from_numpy(labels[idx])
 
 
@@ -134,7 +136,8 @@ def test_one_channel_images_for_a_three_channel_model(fm_images, pretrained_mobi
 
 def test_images_per_class_above_a_class_size(fm_images, pretrained_mobilenet, tmp_path):
     _, rgb, y = fm_images
-    with pytest.raises(IISInputError, match=r"images_per_class=31 but class\(es\) \[0, 1, .*\] have fewer training images \(the smallest has 30\)"):
+    msg = r"images_per_class=31 but class\(es\) \[0, 1, .*\] have fewer training images \(the smallest has 30\)"
+    with pytest.raises(IISInputError, match=msg):
         score(pretrained_mobilenet, DataLoader(TensorDataset(rgb, y), batch_size=100), cache_dir=str(tmp_path),
               **{**SCORE, "images_per_class": 31})
 
@@ -324,3 +327,148 @@ def test_fashion_mnist_sizes_are_checked_by_name(spec, msg, tmp_path):
     with pytest.raises(IISInputError, match=msg):
         prepare_data(spec, pre, tmp_path)
     assert not (tmp_path / "sweep-data").exists() or not any((tmp_path / "sweep-data").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+SWEEP_DATA = "fashion-mnist:n_train=120,n_eval=60"
+SWEEP_TINY = dict(num_concepts=10, sparsities=[0.0, 0.5], lrs=[0.01], epochs=2, images_per_class=2, batch_size=64,
+                  extract_batch_size=128)
+
+
+def _smallcnn_ckpts(folder, n, seeds=None):
+    from iis_fast.models.smallcnn import SmallCNN
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        torch.manual_seed((seeds or list(range(n)))[i])
+        p = folder / f"step_{i * 10:06d}.pt"
+        torch.save({"state_dict": SmallCNN().state_dict()}, p)
+        paths.append(p)
+    return paths
+
+
+def _row(df, path):
+    return df[df["path"] == str(path.resolve())].iloc[0]
+
+
+def test_sweep_rescores_an_overwritten_checkpoint_and_keeps_the_old_row_as_history(tmp_path):
+    from iis_fast.features import file_sha256
+    from iis_fast.models.smallcnn import SmallCNN
+    from iis_fast.sweeps import ResultStore, sweep
+    paths = _smallcnn_ckpts(tmp_path / "ck", 2)
+    kw = dict(arch="iis_smallcnn", out=tmp_path / "r.db", executor="inline", cache_dir=str(tmp_path / "cache"),
+              progress=False, **SWEEP_TINY)
+    df1 = sweep(paths, SWEEP_DATA, **kw)
+    assert _row(df1, paths[1])["content_hash"] == file_sha256(paths[1])
+    torch.manual_seed(1234)
+    torch.save({"state_dict": SmallCNN().state_dict()}, paths[1])          # other weights, same path and size
+    df2 = sweep(paths, SWEEP_DATA, **kw)
+    assert df2.attrs["sweep"]["scored"] == 1 and df2.attrs["sweep"]["changed"] == 1   # was: skipped, old IIS kept
+    assert _row(df2, paths[0])["iis"] == _row(df1, paths[0])["iis"]
+    new, old = _row(df2, paths[1]), _row(df1, paths[1])
+    assert new["content_hash"] == file_sha256(paths[1]) != old["content_hash"] and new["iis"] != old["iis"]
+    with ResultStore(tmp_path / "r.db") as store:
+        hist = store.history()
+        assert len(hist) == 1 and hist["iis"][0] == old["iis"] and hist["content_hash"][0] == old["content_hash"]
+        assert store.count() == 2
+    paths[1].write_bytes(paths[1].read_bytes())         # same bytes written again: new mtime, same content
+    df3 = sweep(paths, SWEEP_DATA, **kw)
+    assert df3.attrs["sweep"]["scored"] == 0 and df3["iis"].tolist() == df2["iis"].tolist()
+
+
+def test_database_from_before_content_hashes_resumes_and_still_sees_changed_files(tmp_path):
+    import sqlite3
+    import time
+    from iis_fast.sweeps import ResultStore, sweep
+    paths = _smallcnn_ckpts(tmp_path / "ck", 2)
+    db = tmp_path / "r.db"
+    kw = dict(arch="iis_smallcnn", out=db, executor="inline", cache_dir=str(tmp_path / "cache"), progress=False,
+              **SWEEP_TINY)
+    sweep(paths, SWEEP_DATA, **kw)
+    with sqlite3.connect(db) as c:                      # back to schema 1: no hashes, no history, no leases
+        for col in ("content_hash", "warnings"):
+            c.execute(f"ALTER TABLE results DROP COLUMN {col}")
+        c.execute("ALTER TABLE attempts DROP COLUMN content_hash")
+        for t in ("results_history", "file_hashes", "leases"):
+            c.execute(f"DROP TABLE {t}")
+    time.sleep(1.1)                                     # rows are timed to the second
+    paths[1].write_bytes(paths[1].read_bytes())         # touched after its row: it may have changed
+    df = sweep(paths, SWEEP_DATA, **kw)
+    assert df.attrs["sweep"]["scored"] == 1 and df["content_hash"].notna().all()
+    with ResultStore(db) as store:
+        assert store.count() == 2 and len(store.history()) == 1
+
+
+def test_leases_let_one_driver_score_what_another_is_computing(tmp_path):
+    import subprocess
+    import sys
+    from iis_fast.sweeps import ResultStore
+    db = tmp_path / "r.db"
+    keys = [("m@/c/a.pt", "prototype", "h1")]
+    with ResultStore(db) as a, ResultStore(db) as b:
+        assert a.claim(keys, "sha-a") and not b.claim(keys, "sha-a")        # a live lease is respected
+        assert a.claim(keys, "sha-a")                                      # its owner may claim again
+        a.write_checkpoint([{"checkpoint": keys[0][0], "model": "m", "path": "/c/a.pt", "library": "prototype",
+                             "config_hash": "h1", "status": "failed", "error": "x", "config_json": "{}",
+                             "content_hash": "sha-a"}])
+        assert a.leases().empty                                            # writing the row ends the lease
+        assert not b.claim(keys, "sha-a")                                  # stored meanwhile: nothing to do
+        assert b.claim(keys, "sha-a", retry_failed=True)                   # ... unless retrying failures
+        b.release_leases()
+        assert a.claim(keys, "sha-b", seconds=-1)                          # an expired lease ...
+        assert b.claim(keys, "sha-b")                                      # ... is taken over
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        b.conn.execute("UPDATE leases SET owner = ?, expires_at = 1e12", (f"{a.owner.split(':')[0]}:{dead}:x",))
+        assert a.claim(keys, "sha-b")                                      # a dead process's lease too
+
+
+@pytest.mark.parametrize("text", ["model_name;path;step\niis_smallcnn;{p};10\n",
+                                  "model_name\tpath\tstep\niis_smallcnn\t{p}\t10\n"])
+def test_checkpoint_lists_separated_by_semicolons_or_tabs_are_read_by_name(tmp_path, text):
+    from iis_fast.sweeps import parse_checkpoints
+    p = _smallcnn_ckpts(tmp_path / "ck", 1)[0]
+    lst = tmp_path / "list.csv"
+    lst.write_text(text.format(p=p))
+    specs = parse_checkpoints(lst)                      # was: the header became a checkpoint path
+    assert [(s.model, s.path, s.step) for s in specs] == [("iis_smallcnn", str(p.resolve()), 10)]
+    lst.write_text(f"model_name,path\niis_smallcnn,{p},extra\n")
+    with pytest.raises(IISInputError, match="does not split into the first row's columns"):
+        parse_checkpoints(lst)
+
+
+def test_results_database_paths_are_checked(tmp_path):
+    from iis_fast.sweeps import ResultStore
+    from iis_fast.sweeps.report import make_report
+    with pytest.raises(IISInputError, match="does not exist"):
+        make_report(tmp_path / "missing.db")            # was: an empty database created, an empty report
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "missing_report").exists()
+    (tmp_path / "notes.txt").write_text("not a database\n" * 100)
+    with pytest.raises(IISInputError, match="not an iis-fast results database"):
+        ResultStore(tmp_path / "notes.txt")
+    with pytest.raises(IISInputError, match="is a directory"):
+        ResultStore(tmp_path)
+    import sqlite3
+    with sqlite3.connect(tmp_path / "other.db") as c:
+        c.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(IISInputError, match=r"an SQLite database, but not an iis-fast results database.*users"):
+        ResultStore(tmp_path / "other.db")
+
+
+def test_sweep_records_warnings_in_its_table(tmp_path):
+    """A random-init CNN probed for 2 epochs is at chance level, and a corrupt cache entry recomputed during a
+    sweep: both are written in that row's warnings column (and the report lists them)."""
+    from iis_fast.sweeps import sweep
+    from iis_fast.sweeps.report import make_report
+    paths = _smallcnn_ckpts(tmp_path / "ck", 1)
+    cache = tmp_path / "cache"
+    kw = dict(arch="iis_smallcnn", executor="inline", cache_dir=str(cache), progress=False, **SWEEP_TINY)
+    df = sweep(paths, SWEEP_DATA, out=tmp_path / "a.db", **kw)      # warnings go to the table, not the console
+    assert df.attrs["sweep"]["warned"] == 1
+    assert df["acc_std"][0] <= 0.1 + CHANCE_MARGIN and df["warnings"][0].startswith("acc_std = 0.1000 is at chance")
+    assert "warnings (1):" in make_report(tmp_path / "a.db", n_boot=20).text
+    x = next(p for p in cache.iterdir() if (p / "x.npy").exists()) / "x.npy"
+    np.save(x, np.zeros_like(np.load(x)))
+    df2 = sweep(paths, SWEEP_DATA, out=tmp_path / "b.db", **kw)
+    notes = df2["warnings"][0].split("\n")
+    assert len(notes) == 2 and "x.npy whose bytes no longer match" in notes[1] and df2["iis"][0] == df["iis"][0]

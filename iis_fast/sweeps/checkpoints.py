@@ -65,19 +65,33 @@ def _is_list_file(p: Path) -> bool:
     return p.suffix.lower() in LIST_SUFFIXES
 
 
+#: Column separators of checkpoint lists, in order of preference.
+LIST_DELIMITERS: tuple[str, ...] = (",", ";", "\t")
+
+
+def _delimiter(first_line: str) -> str:
+    """The separator of a checkpoint list: the first of :data:`LIST_DELIMITERS` its first row uses (else ",")."""
+    for d in LIST_DELIMITERS:
+        if d in first_line:
+            return d
+    return ","
+
+
 def _read_list(p: Path, arch: str | None) -> list[CheckpointSpec]:
-    """Rows ``model_name,path[,more]`` (a header naming ``path`` is optional); relative paths are from the list's folder."""
+    """Rows ``model_name,path[,more]`` (a header naming ``path`` is optional; ``;`` or tab instead of ``,`` when the
+    first row uses it); relative paths are from the list's folder."""
     text = p.read_text()
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         return []
-    first = [c.strip().lower() for c in next(csv.reader([lines[0]]))]
+    delim = _delimiter(lines[0])
+    first = [c.strip().lower() for c in next(csv.reader([lines[0]], delimiter=delim))]
     out: list[CheckpointSpec] = []
     if "path" in first:
-        rows: Iterable[dict[str, str]] = csv.DictReader(lines)
+        rows: Iterable[dict[str, str]] = csv.DictReader(lines, delimiter=delim)
     else:
         def plain() -> Iterable[dict[str, str]]:
-            for cells in csv.reader(lines):
+            for cells in csv.reader(lines, delimiter=delim):
                 cells = [c.strip() for c in cells]
                 if len(cells) == 1:
                     yield {"path": cells[0]}
@@ -86,18 +100,27 @@ def _read_list(p: Path, arch: str | None) -> list[CheckpointSpec]:
                            **{f"col{i}": c for i, c in enumerate(cells[2:], start=2)}}
         rows = plain()
     for lineno, row in enumerate(rows, start=2 if "path" in first else 1):
+        extra = row.pop(None, None)                       # cells beyond the header's columns
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         raw = row.pop("path", "")
         if not raw:
             raise IISInputError(f"{p}: row {lineno} has no path")
+        if extra or any(d in raw for d in LIST_DELIMITERS if d != delim):
+            raise IISInputError(f"{p}: row {lineno} does not split into the first row's columns with the separator "
+                                f"{delim!r} (path {raw!r}{f', extra cells {extra}' if extra else ''}): use one "
+                                "separator throughout the list")
+        step_txt = row.pop("step", "")
+        try:
+            step = int(float(step_txt)) if step_txt else None
+        except (ValueError, OverflowError):
+            raise IISInputError(f"{p}: row {lineno} has step {step_txt!r}, not a number") from None
         model = row.pop("model_name", "") or row.pop("model", "") or arch
         if not model:
             raise IISInputError(f"{p}: row {lineno} ({raw}) names no model; add a model_name column or pass arch=")
         path = Path(raw)
         if not path.is_absolute():
             path = p.parent / path
-        step_txt = row.pop("step", "")
-        step = int(float(step_txt)) if step_txt else step_from_name(path)
+        step = step if step is not None else step_from_name(path)
         out.append(CheckpointSpec(model, str(path.resolve()), step, row))
     return out
 

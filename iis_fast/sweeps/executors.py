@@ -3,6 +3,9 @@
 Every executor is a generator ``run(tasks) -> (task, rows)`` yielding results as they finish; the driver (and only
 the driver) writes them to the store. Workers never raise: a checkpoint that fails comes back as ``failed`` rows
 with the error text; a worker that dies (killed, out of memory) makes its tasks come back failed the same way.
+
+The local executors (``inline``, ``local``) take a ``claim(task) -> bool`` callable and ask it right before
+dispatching each checkpoint, so concurrent sweeps on one database share the work instead of doubling it.
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ import importlib
 import json
 import os
 import pickle
+import signal
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -34,10 +39,12 @@ class Task:
     data: DataRef
     score_fn: str | None = None           # "module:function" with iis_fast.score's signature (default: it)
     threads: int | None = None            # torch CPU threads for this task's process
+    content_hash: str | None = None       # SHA-256 of the checkpoint file when the sweep started
 
     @property
     def id(self) -> str:
-        return hashlib.sha256(json.dumps([self.spec.key, [h for h, _ in self.configs]]).encode()).hexdigest()[:20]
+        blob = json.dumps([self.spec.key, [h for h, _ in self.configs], self.content_hash])
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def default_workers() -> int:
@@ -96,15 +103,15 @@ def run_task(task: Task) -> list[dict[str, Any]]:
         setup_error = e
     for h, opts in task.configs:
         base = {"checkpoint": spec.key, "model": spec.model, "path": spec.path, "step": spec.step,
-                "library": opts.get("library", "prototype"), "config_hash": h,
+                "library": opts.get("library", "prototype"), "config_hash": h, "content_hash": task.content_hash,
                 "config_json": json.dumps(opts, sort_keys=True, default=str),
                 "meta_json": json.dumps(spec.meta, sort_keys=True), "started_at": time.time()}
         t0 = time.perf_counter()
         try:
             if setup_error is not None:
                 raise setup_error
-            r = fn(spec.model, train, ev, checkpoint=spec.path, **opts)
-            rows.append({**base, "status": "ok", "iis": float(r.iis), "acc_std": float(r.acc_std),
+            r, notes = _scored_with_warnings(fn, spec.model, train, ev, checkpoint=spec.path, **opts)
+            rows.append({**base, "status": "ok", "iis": float(r.iis), "acc_std": float(r.acc_std), "warnings": notes,
                          "acc_last": float(r.acc[-1]) if r.acc else None, "num_concepts": r.num_concepts,
                          "n_train": r.n_train, "n_eval": r.n_eval, "feature_dim": r.feature_dim,
                          "backend": r.backend, "result_json": r.to_json(), **_stage_times(r.timings),
@@ -115,11 +122,29 @@ def run_task(task: Task) -> list[dict[str, Any]]:
     return rows
 
 
+def _scored_with_warnings(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    """``fn(*args, **kwargs)`` and its warnings for the results table: the result's own (e.g. acc_std at chance
+    level) and any :class:`~iis_fast.errors.IISWarning` raised meanwhile (e.g. a corrupt cache entry recomputed).
+    Other warnings are shown as usual."""
+    from ..errors import IISWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IISWarning)
+        r = fn(*args, **kwargs)
+    notes = list(getattr(r, "warnings", None) or [])
+    for w in caught:
+        if issubclass(w.category, IISWarning):
+            notes.append(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return r, list(dict.fromkeys(notes))
+
+
 def failed_rows(task: Task, error: str) -> list[dict[str, Any]]:
     """Rows recording that ``task`` could not be run at all (its worker died, the job failed)."""
     spec = task.spec
     return [{"checkpoint": spec.key, "model": spec.model, "path": spec.path, "step": spec.step,
              "library": opts.get("library", "prototype"), "config_hash": h, "status": "failed",
+             "content_hash": task.content_hash,
              "error": error[:MAX_ERROR_CHARS], "config_json": json.dumps(opts, sort_keys=True, default=str),
              "meta_json": json.dumps(spec.meta, sort_keys=True)} for h, opts in task.configs]
 
@@ -137,24 +162,38 @@ Result = Iterator[tuple[Task, list[dict[str, Any]]]]
 
 
 # ----------------------------------------------------------------------------------------------- executors
-def run_inline(tasks: Sequence[Task], **_: Any) -> Result:
+Claim = Callable[[Task], bool]
+
+
+def run_inline(tasks: Sequence[Task], claim: Claim | None = None, **_: Any) -> Result:
     """Score every checkpoint in the driver process, one after another (no isolation; for debugging)."""
     for t in tasks:
-        yield t, run_task(t)
+        if claim is None or claim(t):
+            yield t, run_task(t)
 
 
 def _init_worker(threads: int | None) -> None:
+    # Ctrl-C reaches the whole process group: the driver stops the pool; workers must not print tracebacks
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         import torch
         torch.set_num_threads(int(threads))
     import iis_fast.models  # noqa: F401  (registers iis_smallcnn in timm in this process)
 
 
-def run_local(tasks: Sequence[Task], workers: int | None = None, **_: Any) -> Result:
+def _stop(pool: Any) -> None:
+    """Terminate a process pool's workers now (an interrupted sweep must not wait for their checkpoints)."""
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_local(tasks: Sequence[Task], workers: int | None = None, claim: Claim | None = None, **_: Any) -> Result:
     """A pool of ``workers`` spawned processes, one checkpoint per task, at most 2 per worker queued at once.
 
     A worker that dies takes down the pool: the tasks in flight are reported failed (``--retry-failed``
-    retries them) and a fresh pool continues with the rest.
+    retries them) and a fresh pool continues with the rest. Interrupting the driver (Ctrl-C) terminates the
+    workers at once.
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -172,7 +211,10 @@ def run_local(tasks: Sequence[Task], workers: int | None = None, **_: Any) -> Re
             while todo or inflight:
                 while todo and len(inflight) < 2 * workers:
                     t = todo.pop()
-                    inflight[pool.submit(run_task, t)] = t
+                    if claim is None or claim(t):
+                        inflight[pool.submit(run_task, t)] = t
+                if not inflight:
+                    break
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                 for fut in done:
                     t = inflight.pop(fut)
@@ -186,6 +228,9 @@ def run_local(tasks: Sequence[Task], workers: int | None = None, **_: Any) -> Re
                         yield t, failed_rows(t, "WorkerDied: a worker process of the pool died while this was queued")
                     inflight.clear()
                     break
+        except BaseException:                            # KeyboardInterrupt, or the consumer stopped early
+            _stop(pool)
+            raise
         finally:
             pool.shutdown(wait=not broken, cancel_futures=True)
 

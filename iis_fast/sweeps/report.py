@@ -87,7 +87,7 @@ def load_results(db: str | os.PathLike[str], status: str | None = "ok") -> pd.Da
     """The expanded results table of a sweep database (only rows with ``status``, unless None)."""
     from .store import ResultStore
 
-    with ResultStore(db) as store:
+    with ResultStore(db, create=False) as store:         # a missing path is an error, not a new empty database
         df = store.dataframe()
     if status is not None and not df.empty:
         df = df[df["status"] == status].reset_index(drop=True)
@@ -140,8 +140,8 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
 
     db = Path(db)
     out = Path(out_dir) if out_dir is not None else db.with_name(db.stem + "_report")
-    out.mkdir(parents=True, exist_ok=True)
     all_rows = load_results(db, status=None)
+    out.mkdir(parents=True, exist_ok=True)
     ok = all_rows[all_rows["status"] == "ok"].reset_index(drop=True) if not all_rows.empty else all_rows
     failed = all_rows[all_rows["status"] == "failed"] if not all_rows.empty else all_rows
     rep = Report(table=ok, text="")
@@ -228,6 +228,11 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
             fig.savefig(out / "trajectory.png", dpi=110)
             plt.close(fig)
             files["trajectory"] = str(out / "trajectory.png")
+    warned = ok[ok["warnings"].fillna("").astype(str) != ""] if "warnings" in ok.columns else ok.iloc[:0]
+    if not warned.empty:                  # e.g. acc_std at chance level: that row's IIS measures nothing
+        lines.append(f"warnings ({len(warned)}):")
+        for p, w in zip(warned["path"], warned["warnings"]):
+            lines.append(f"  {os.path.basename(str(p))}: {str(w).splitlines()[0]}")
     if not failed.empty:
         lines.append(f"failed ({len(failed)}):")
         for p, e in zip(failed["path"], failed["error"]):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +16,8 @@ from ..errors import IISInputError
 from .checkpoints import CheckpointSpec, parse_checkpoints
 from ..data.sources import DataRef, prepare_data
 from .executors import Task, default_workers, failed_rows, get_executor
-from .store import ResultStore, config_hash
+from .store import LEASE_SECONDS, ResultStore, config_hash
+from ..validation import check_device
 
 __all__ = ["sweep", "STAGES"]
 
@@ -50,6 +52,9 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
 
     Re-running skips every (checkpoint, library, config) already stored: it is resumable after a crash or a
     SIGKILL (at most the checkpoints in flight are lost; a row is never half-written) and a no-op when complete.
+    A checkpoint file overwritten since its row was stored (another SHA-256) is scored again; the old row moves to
+    the ``results_history`` table. Sweeps sharing one database lease each checkpoint before scoring it, so a
+    second sweep skips what the first is computing (see :mod:`iis_fast.sweeps.store`).
 
     Args:
         checkpoints: paths, globs, folders, or ``.csv``/``.txt`` lists of ``model_name,path[,step,...]``
@@ -83,6 +88,52 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
         ``df.attrs["sweep"]`` holds this run's counts and per-stage seconds.
     """
     t_start = time.perf_counter()
+    store = ResultStore(out)        # a directory, a non-SQLite file or someone else's database fails here, first
+    try:
+        return _sweep(store, t_start, checkpoints, data, arch=arch, out=out, executor=executor, workers=workers,
+                      retry_failed=retry_failed, eval_data=eval_data, chunk_size=chunk_size, threads=threads,
+                      num_gpus=num_gpus, executor_options=executor_options, score_fn=score_fn, progress=progress,
+                      **score_options)
+    finally:
+        store.close()
+
+
+class _Heartbeat:
+    """Renews this driver's leases every ``LEASE_SECONDS / 4`` from a thread (own SQLite connection)."""
+
+    def __init__(self, path: str | os.PathLike[str], owner: str) -> None:
+        self.path, self.owner = path, owner
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="iis-sweep-leases", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        store = ResultStore(self.path)
+        store.owner = self.owner
+        try:
+            while not self.stop.wait(LEASE_SECONDS / 4):
+                store.renew_leases()
+        finally:
+            store.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _unchanged_since(path: str, created_at: str) -> bool:
+    """A row stored before content hashes existed still describes ``path`` if the file is older than the row."""
+    from .store import created_epoch
+    try:
+        return os.stat(path).st_mtime <= created_epoch(created_at)
+    except (OSError, ValueError):
+        return False
+
+
+def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, arch: str | None, out: Any,
+           executor: str, workers: int | None, retry_failed: bool, eval_data: Any, chunk_size: int | None,
+           threads: int | None, num_gpus: float, executor_options: dict[str, Any] | None,
+           score_fn: Callable[..., Any] | str | None, progress: bool, **score_options: Any) -> pd.DataFrame:
     specs = parse_checkpoints(checkpoints, arch)
     run = get_executor(executor)
     libraries = score_options.pop("library", "prototype")
@@ -94,6 +145,8 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
     model_opts = {k: score_options.pop(k) for k in ("checkpoint_key", "model_kwargs") if score_options.get(k)}
     configs = [{**IISConfig.from_options(library=lib, progress=False, **score_options).to_dict(), **model_opts}
                for lib in libraries]
+    if executor in ("local", "inline"):                 # the device must exist here; Ray/Slurm workers have theirs
+        check_device(configs[0]["device"])
     from ..features import default_cache_dir
     cache_dir = score_options.get("cache_dir") or str(default_cache_dir())
     n_workers = 1 if executor == "inline" else int(workers or default_workers())
@@ -114,32 +167,42 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
             data_refs[model_name] = e
     t_data = time.perf_counter() - t0
 
-    store = ResultStore(out)
-    done = store.done_keys(retry_failed=retry_failed)
+    stored = store.stored()
     requested: list[tuple[str, str, str]] = []
     tasks: list[Task] = []
     unrunnable: list[tuple[Task, str]] = []
+    changed = 0
     fn_name = _score_fn_name(score_fn)
     for spec in specs:
         ref = data_refs[spec.model]
         key = ref.key if isinstance(ref, DataRef) else "unresolved"
+        content = store.content_hash(spec.path)
         todo = []
         for cfg in configs:
             h = config_hash(cfg, key)
-            requested.append((spec.key, cfg["library"], h))
-            if (spec.key, cfg["library"], h) not in done:
+            k3 = (spec.key, cfg["library"], h)
+            requested.append(k3)
+            row = stored.get(k3)
+            if row is not None and row.content_hash is None and _unchanged_since(spec.path, row.created_at):
+                store.adopt_content_hash(k3, content)
+                row = row._replace(content_hash=content)
+            if row is None or (row.status == "failed" and retry_failed):
                 todo.append((h, cfg))
+            elif row.content_hash != content:            # the file was overwritten: score the new weights
+                todo.append((h, cfg))
+                changed += 1
         if not todo:
             continue
         if isinstance(ref, Exception):
-            dummy = Task(spec, todo, DataRef("none", key))
+            dummy = Task(spec, todo, DataRef("none", key), content_hash=content)
             unrunnable.append((dummy, f"{type(ref).__name__}: {ref}"))
         else:
-            tasks.append(Task(spec, todo, ref, fn_name, threads))
+            tasks.append(Task(spec, todo, ref, fn_name, threads, content_hash=content))
 
     already = len(specs) - len(tasks) - len(unrunnable)
     stats: dict[str, Any] = {"checkpoints": len(specs), "already_stored": already, "scored": 0, "failed": 0,
-                             "data_seconds": round(t_data, 3), **{s: 0.0 for s in STAGES}, "score_seconds": 0.0}
+                             "changed": changed, "claimed_elsewhere": 0, "warned": 0, "data_seconds": round(t_data, 3),
+                             **{s: 0.0 for s in STAGES}, "score_seconds": 0.0}
     for t, err in unrunnable:
         store.write_checkpoint(failed_rows(t, err))
         stats["failed"] += 1
@@ -150,16 +213,34 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
         bar = tqdm(total=len(tasks), unit="ckpt", desc=f"sweep [{executor} x{n_workers}]", file=sys.stderr,
                    dynamic_ncols=True)
         bar.set_postfix_str(f"done 0 failed 0 remaining {len(tasks)} (skipped {already} stored)")
+
+    def claim(task: Task) -> bool:
+        """Lease the task's rows; a task another live sweep is computing (or just stored) is skipped."""
+        keys = [(task.spec.key, c.get("library", "prototype"), h) for h, c in task.configs]
+        ok = store.claim(keys, task.content_hash, retry_failed=retry_failed)
+        if not ok:
+            stats["claimed_elsewhere"] += 1
+            if bar is not None:
+                bar.update(1)
+        return ok
+
     opts: dict[str, Any] = dict(workers=n_workers, num_gpus=num_gpus, **(executor_options or {}))
     if chunk_size:
         opts["chunk_size"] = chunk_size
+    if executor in ("local", "inline"):
+        opts["claim"] = claim                             # claimed one by one, right before each is dispatched
+    else:
+        tasks = [t for t in tasks if claim(t)]            # batch executors submit everything at once
+    heartbeat = _Heartbeat(out, store.owner)
     finished = 0
+    results = run(tasks, **opts)
     try:
-        for task, rows in run(tasks, **opts):
+        for task, rows in results:
             store.write_checkpoint(rows)                        # one transaction per checkpoint
             finished += 1
             ok = all(r["status"] == "ok" for r in rows)
             stats["scored" if ok else "failed"] += 1
+            stats["warned"] += sum(1 for r in rows if r.get("warnings"))
             for r in rows:
                 for s in STAGES:
                     stats[s] += float(r.get(s) or 0.0)
@@ -167,8 +248,13 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"done {stats['scored']} failed {stats['failed']} remaining "
-                                    f"{len(tasks) - finished} (skipped {already} stored)")
+                                    f"{len(tasks) - finished - stats['claimed_elsewhere']} (skipped {already} stored)")
     finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()                                       # stops a pool's workers when interrupted
+        heartbeat.close()
+        store.release_leases()
         if bar is not None:
             bar.close()
     stats["wall_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -177,10 +263,14 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
     if progress:
         n = max(1, stats["scored"] + stats["failed"])
         stages = ", ".join(f"{s[2:]} {stats[s]:.1f}s ({stats[s] / n:.2f}s/ckpt)" for s in STAGES)
-        print(f"sweep: {stats['scored']} scored, {stats['failed']} failed, {already} already stored, "
+        extra = "".join([f", {changed} row(s) re-scored because the file changed" if changed else "",
+                         f", {stats['warned']} row(s) with warnings (see the warnings column)"
+                         if stats["warned"] else "",
+                         f", {stats['claimed_elsewhere']} being scored by another sweep"
+                         if stats["claimed_elsewhere"] else ""])
+        print(f"sweep: {stats['scored']} scored, {stats['failed']} failed, {already} already stored{extra}, "
               f"{stats['wall_seconds']:.1f}s wall; data prep {t_data:.1f}s; stages (summed over workers): {stages}",
               file=sys.stderr)
     df = store.dataframe(keys=requested)
-    store.close()
     df.attrs["sweep"] = stats
     return df
