@@ -11,8 +11,9 @@ Accepted files: a ``torch.save`` file (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, a
 
 :func:`find_state_dict` tries every (nested container, key prefix) reading of the file against the target
 model's keys and takes the one that matches it exactly (the classifier aside: IIS reads the pre-logits
-representation, see :func:`classifier_prefixes`). One exact match is used and what was stripped is said in one
-line (a :class:`CheckpointAdapted` warning); several are refused with the candidates listed, to be chosen with
+representation, see :func:`classifier_prefixes`). One exact match is used; what was stripped (a key prefix, or
+a container other than ``state_dict``/``model``/``model_state_dict``, e.g. an EMA copy) is said in one line (a
+:class:`CheckpointAdapted` warning); several are refused with the candidates listed, to be chosen with
 ``checkpoint_key=``; none is refused with the closest candidate's missing/unexpected keys. timm's
 ``clean_state_dict`` only strips ``module.``, which is why this search is written here.
 
@@ -50,6 +51,8 @@ __all__ = [
 #: Keys under which training checkpoints nest state dicts (searched, with any other mapping-valued key).
 NESTED_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "module", "net", "network",
                                 "state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
+#: Containers that hold the model's own weights by convention: reading them needs no note.
+PLAIN_CONTAINERS: tuple[str, ...] = ("", "state_dict", "model", "model_state_dict")
 #: Prefixes wrappers add to every key (stripped when all keys of a state dict share them).
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 #: How many offending keys an error message lists before summarising the rest.
@@ -351,7 +354,7 @@ def load_state_dict_candidate(model: nn.Module, cand: StateDictCandidate, *, str
     absent = [p for p in cls if not any(_is_classifier_key(k, [p]) for k in cand.state_dict)]
     report = load_state_dict_checked(model, cand.state_dict, strict=strict, source=where, ignore=absent)
     notes = []
-    if cand.container or cand.prefix:
+    if cand.prefix or cand.container not in PLAIN_CONTAINERS:
         notes.append(f"read {cand.describe()}")
     if absent:
         notes.append(f"it holds no classifier ({', '.join(absent)}), left as initialised (IIS does not use it)")
