@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 SUBCOMMAND_MODULES = ("iis_fast.sweeps.cli", "iis_fast.probing.cli")
@@ -186,23 +188,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `iis-fast`; bad input ends with exit status 2 and a message naming the problem."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    import warnings
-    # a warning (a checkpoint unwrapped, a result at chance level, ...) is one line on the command line
-    warnings.formatwarning = lambda message, category, *_, **__: f"iis-fast: {category.__name__}: {message}\n"
+def check_output_file(path: str | None, option: str) -> None:
+    """A file a command writes at its end must be writable before the work starts: not a directory, in an
+    existing, writable folder."""
     from .errors import IISInputError
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise IISInputError(f"{option} {path!r} is a directory; give a file path")
+    folder = p.parent
+    if not folder.is_dir():
+        raise IISInputError(f"{option} {path!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise IISInputError(f"{option} {path!r} is not writable")
+
+
+def precheck(args: argparse.Namespace) -> None:
+    """Refuse bad input before any long work: IIS options, the device and backend (where the work runs here),
+    output files, and the data specs."""
+    from .config import IISConfig
+    if hasattr(args, "num_concepts") and hasattr(args, "library"):          # a scoring command
+        opts = score_options(args)
+        for lib in (opts["library"] if isinstance(opts["library"], list) else [opts["library"]]):
+            IISConfig.from_options(**{**opts, "library": lib})
+        if getattr(args, "executor", "local") in ("local", "inline"):     # Ray/Slurm workers have their own
+            from .ops import resolve_backend
+            from .validation import check_device
+            check_device(args.device)
+            resolve_backend(args.backend, args.device)     # BackendUnavailable, e.g. --backend triton on a CPU
+    for option in ("json", "png"):
+        check_output_file(getattr(args, option, None), f"--{option}")
+    if args.command in ("score", "sweep"):
+        from .data.sources import parse_data
+        for option in ("data", "eval_data"):
+            if getattr(args, option, None):
+                parse_data(getattr(args, option))
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run a parsed command. Every error a user can cause ends in one line ``iis-fast: error: ...`` and a
+    non-zero status (2: bad input or an unusable backend; 1: a file system error; 130: interrupted), never a
+    traceback."""
+    from .errors import one_line_warnings
+    one_line_warnings()
+    from .errors import BackendUnavailable, IISInputError
     try:
-        if getattr(args, "sparsities", None) or getattr(args, "lrs", None):
-            from .config import IISConfig
-            opts = score_options(args)
-            for lib in (opts["library"] if isinstance(opts["library"], list) else [opts["library"]]):
-                IISConfig.from_options(**{**opts, "library": lib})   # reject bad options before any long work
+        precheck(args)
         return int(args.func(args) or 0)
-    except IISInputError as e:
+    except (IISInputError, BackendUnavailable) as e:
         parser.exit(2, f"iis-fast: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "iis-fast: error: interrupted\n")
+    except OSError as e:                  # a file the command reads or writes: missing, unwritable, disk full
+        parser.exit(1, f"iis-fast: error: {e}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `iis-fast`; see :func:`run_command` for how errors end."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        parser.exit(130, "iis-fast: error: interrupted\n")
+    return run_command(parser, args)
 
 
 if __name__ == "__main__":

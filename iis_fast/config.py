@@ -123,6 +123,8 @@ class IISConfig:
                                 "it after every epoch; 1 keeps it constant)")
         for name in INT_FIELDS:
             whole_number(name, getattr(self, name))
+        if self.seed < 0:
+            raise IISInputError(f"seed={self.seed}: must be >= 0 (numpy seeds are non-negative)")
         if self.num_concepts < 2:
             raise IISInputError(f"num_concepts={self.num_concepts}: need at least 2 concepts")
         for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size"):

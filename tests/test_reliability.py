@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 import warnings
@@ -472,3 +473,102 @@ def test_sweep_records_warnings_in_its_table(tmp_path):
     df2 = sweep(paths, SWEEP_DATA, out=tmp_path / "b.db", **kw)
     notes = df2["warnings"][0].split("\n")
     assert len(notes) == 2 and "x.npy whose bytes no longer match" in notes[1] and df2["iis"][0] == df["iis"][0]
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def _cli(capsys, *argv):
+    from iis_fast.cli import main
+    try:
+        code = main(list(argv))                         # the console script exits with what main returns
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "CheckpointAdapted" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("iis-fast: error: "), err     # one line, no traceback
+    return code, lines[0]
+
+
+def test_cli_refuses_bad_input_before_computing(tmp_path, capsys):
+    fm = "fashion-mnist:n_train=100,n_eval=50"
+    cases = [
+        (["score", "mobilenetv2_100", "--data", fm, "--json", str(tmp_path)], "--json .* is a directory"),
+        (["score", "mobilenetv2_100", "--data", fm, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
+        (["score", "mobilenetv2_100", "--data", "fashion-mnist:n_train=1e3"], "n_train='1e3' is not an integer"),
+        (["score", "mobilenetv2_100", "--data", "fashion-mnist:seed=-1"], "seed=-1"),
+        (["score", "mobilenetv2_100", "--data", str(tmp_path / "nope.beton")], "does not exist"),
+        (["score", "mobilenetv2_100", "--data", str(tmp_path)], "no class sub-folders"),
+        (["score", "mobilenetv2_100", "--data", fm, "--device", "cuda:99"], "device='cuda:99'"),
+        (["score", "mobilenetv2_100", "--data", fm, "--device", "gpu"], "not a torch device"),
+        (["report", str(tmp_path / "missing.db")], "does not exist"),
+        (["report", str(tmp_path)], "is a directory"),
+        (["sweep", str(tmp_path), "--arch", "iis_smallcnn", "--export", str(tmp_path / "r.xlsx")],
+         r"\.csv or \.parquet"),
+        (["sweep", str(tmp_path), "--arch", "iis_smallcnn", "--executor", "slurm", "--slurm", "{partition: gpu}"],
+         "--slurm is not valid JSON"),
+        (["sweep", str(tmp_path), "--arch", "iis_smallcnn", "--out", str(tmp_path)], "is a directory"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["score", "mobilenetv2_100", "--data", fm, "--device", "cuda"], "no CUDA GPU"),
+                  (["score", "mobilenetv2_100", "--data", fm, "--backend", "triton"], "triton")]
+    for argv, msg in cases:
+        code, line = _cli(capsys, *argv)
+        assert code == 2 and re.search(msg, line), (argv, line)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_cli_sweep_on_a_non_database_and_a_sweep_where_everything_failed(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are my notes\n" * 50)
+    bad = tmp_path / "ck" / "step_000010.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    common = ["sweep", str(bad.parent), "--arch", "iis_smallcnn", "--data", SWEEP_DATA, "--executor", "inline",
+              "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--num-concepts", "10", "--epochs", "1",
+              "--images-per-class", "2"]
+    code, line = _cli(capsys, *common, "--out", str(notes))
+    assert code == 2 and "not an iis-fast results database" in line
+    assert notes.read_text() == "these are my notes\n" * 50                  # left untouched
+    code, line = _cli(capsys, *common, "--out", str(tmp_path / "r.db"))
+    assert code == 1 and "every checkpoint failed (1 rows" in line and "CheckpointError" in line   # was: exit 0
+
+
+def _wait_for(pred, timeout=240.0):
+    import time
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cli_interrupted_exits_130_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    paths = _smallcnn_ckpts(tmp_path / "ck", 3)
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "iis_fast.cli", "sweep", str(paths[0].parent), "--arch", "iis_smallcnn", "--data",
+           "fashion-mnist:n_train=2000,n_eval=1000", "--executor", "local", "--workers", "1", "--no-progress",
+           "--out", str(db), "--cache-dir", str(tmp_path / "cache"), "--num-concepts", "50", "--epochs", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        import sqlite3
+
+        def leased():
+            try:
+                with sqlite3.connect(db, timeout=1) as c:
+                    return c.execute("SELECT COUNT(*) FROM leases").fetchone()[0] > 0
+            except sqlite3.Error:
+                return False
+        assert _wait_for(leased), proc.communicate(timeout=60)
+        time.sleep(3)                                    # the worker is importing / scoring
+        os.killpg(proc.pid, signal.SIGINT)               # Ctrl-C: the whole process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["iis-fast: error: interrupted"], err
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM leases").fetchone()[0] == 0     # released for the next sweep

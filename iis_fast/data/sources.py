@@ -54,6 +54,8 @@ class FashionMNISTData:
                 raise IISInputError(f"fashion-mnist {name}={v!r}: must be a positive whole number"
                                     + (" (the whole split is its size: 60000 train, 10000 test)"
                                        if name != "batch_size" else ""))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise IISInputError(f"fashion-mnist seed={self.seed!r}: must be a whole number >= 0")
 
     @property
     def key(self) -> str:

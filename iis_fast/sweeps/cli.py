@@ -12,10 +12,25 @@ from ..data.sources import DATA_SPEC_HELP
 __all__ = ["register"]
 
 
+def _slurm_parameters(text: str) -> dict[str, Any]:
+    """The ``--slurm`` JSON object, or IISInputError saying what is wrong with it."""
+    from ..errors import IISInputError
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise IISInputError(f"--slurm is not valid JSON ({e.msg} at character {e.pos}): give an object such as "
+                            '\'{"slurm_partition": "gpu", "timeout_min": 120}\'') from None
+    if not isinstance(params, dict):
+        raise IISInputError(f"--slurm must be a JSON object of submitit parameters, got {type(params).__name__}")
+    return params
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from .runner import sweep
-    from .store import ResultStore
+    from .store import ResultStore, check_export_path
 
+    for path in a.export or []:                          # before the sweep, not after hours of scoring
+        check_export_path(path)
     ex_opts: dict[str, Any] = {}
     if a.ray_address:
         ex_opts["address"] = a.ray_address
@@ -24,7 +39,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         if a.cluster:
             ex_opts["cluster"] = a.cluster
         if a.slurm:
-            ex_opts["parameters"] = json.loads(a.slurm)
+            ex_opts["parameters"] = _slurm_parameters(a.slurm)
+    elif a.slurm:
+        _slurm_parameters(a.slurm)
     df = sweep(a.checkpoints, a.data, arch=a.arch, out=a.out, executor=a.executor, workers=a.workers,
                retry_failed=a.retry_failed, eval_data=a.eval_data, chunk_size=a.chunk_size, threads=a.threads,
                num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **model_options(a),
@@ -34,6 +51,11 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     with ResultStore(a.out) as store:
         for path in a.export or []:
             print(f"exported {store.export(path)}")
+    if not df.empty and ok.empty:
+        first = str(df["error"].dropna().iloc[0]).splitlines()[0] if df["error"].notna().any() else "?"
+        print(f"iis-fast: error: every checkpoint failed ({len(df)} rows in {a.out}); first error: {first}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -127,10 +149,10 @@ def register(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one of these subcommands standalone: ``python -m iis_fast.sweeps.cli sweep ...``."""
+    from ..cli import run_command
     p = argparse.ArgumentParser(prog="iis-fast")
     register(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(argv)
-    return int(a.func(a) or 0)
+    return run_command(p, p.parse_args(argv))
 
 
 if __name__ == "__main__":
