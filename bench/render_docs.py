@@ -21,11 +21,12 @@ Which script writes which file:
 - ``demo``: ``bench/bench_demo.py`` -> ``demo.json`` (``iis-fast demo`` from an empty cache);
 - ``gpu_check``: ``bench/gpu_check.sh`` (``bench/gpu_check.py``) -> ``gpu_check.json``;
 - ``score_floor``: ``bench/bench_score.py`` -> ``score_floor.json`` (score() against its backbone floor);
+- ``data_share``: ``bench/bench_data_share.py`` -> ``data_share.json`` (FFCV vs DataLoader share of extraction);
 - ``libraries``: ``bench/bench_libraries.py`` -> ``libraries.json`` (IIS per concept library);
 - ``probe_defaults``: ``bench/probe_official_vs_previous.py`` -> ``probe_official_vs_previous.json`` (How to Probe:
   official attribution forms against iis_fast's earlier defaults).
 
-The last four are rendered by their script's own ``render_markdown(results: dict) -> str`` (see
+The last five are rendered by their script's own ``render_markdown(results: dict) -> str`` (see
 :func:`_rendered_by`); while the script or its results file is missing, the section says "not yet measured".
 """
 from __future__ import annotations
@@ -302,6 +303,12 @@ def render_score_floor() -> str:
     return _rendered_by("bench_score", "score_floor.json", "OMP_NUM_THREADS=2 python bench/bench_score.py")
 
 
+def render_data_share() -> str:
+    """The data path's share of one split's extraction, FFCV vs DataLoader (bench/bench_data_share.py's Markdown)."""
+    return _rendered_by("bench_data_share", "data_share.json",
+                        "OMP_NUM_THREADS=2 python bench/bench_data_share.py")
+
+
 def render_libraries() -> str:
     """IIS per concept library, default and official settings (bench/bench_libraries.py's Markdown)."""
     return _rendered_by("bench_libraries", "libraries.json", "python bench/bench_libraries.py", "render")
@@ -325,6 +332,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "demo": render_demo,
     "gpu_check": render_gpu_check,
     "score_floor": render_score_floor,
+    "data_share": render_data_share,
     "libraries": render_libraries,
     "probe_defaults": render_probe_defaults,
 }

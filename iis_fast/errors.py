@@ -21,3 +21,10 @@ class BackendUnavailable(RuntimeError):
 class IISWarning(UserWarning):
     """A result that is computed but should not be trusted as is (a probe at chance level, a corrupt cache entry
     that was recomputed, ...). The same text goes to ``IISResult.warnings`` where a result carries it."""
+
+
+def one_line_warnings(prog: str = "iis-fast") -> None:
+    """Print every warning of this process as one line, ``<prog>: <Category>: <message>`` (the CLI and its sweep
+    workers: a checkpoint that was unwrapped, a result at chance level, ... each say so in one line)."""
+    import warnings
+    warnings.formatwarning = lambda message, category, *_, **__: f"{prog}: {category.__name__}: {message}\n"

@@ -87,6 +87,8 @@ def test_sweep_and_report_own_k_class_checkpoints(run_dir) -> None:
     # what was unwrapped is said, one line per wrapped checkpoint
     assert "step_4.ckpt" in r.stderr and "'model.' stripped" in r.stderr, r.stderr
     assert "step_6.pt" in r.stderr and "'module.' stripped" in r.stderr, r.stderr
+    notes = [ln for ln in r.stderr.splitlines() if "CheckpointAdapted" in ln]
+    assert len(notes) == 2 and all(ln.startswith("iis-fast: CheckpointAdapted: checkpoint ") for ln in notes), notes
     with sqlite3.connect(run_dir / "r18.db") as db:
         rows = db.execute("SELECT path, status, step, iis, acc_std, n_train, n_eval FROM results ORDER BY step").fetchall()
     assert [Path(p).name for p, *_ in rows] == ["step_2.pth", "step_4.ckpt", "step_6.pt"]

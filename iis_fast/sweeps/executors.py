@@ -178,6 +178,8 @@ def _init_worker(threads: int | None) -> None:
     if threads:
         import torch
         torch.set_num_threads(int(threads))
+    from ..errors import one_line_warnings
+    one_line_warnings()
     import iis_fast.models  # noqa: F401  (registers iis_smallcnn in timm in this process)
 
 
