@@ -2,6 +2,7 @@
 
 Before: two writers of the same cache key crashed (``OSError: Directory not empty`` / ``FileNotFoundError`` from
 deleting then renaming, ~37 in 2,500 writes each), and two sweeps on one database both computed every checkpoint.
+The workers treat an IISWarning as an error: a reader must never see a partial entry as a corrupt one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-N_KEYS = 600          # fresh keys both processes race to create (each also reads every key back)
+N_PUTS, N_KEYS = 800, 4       # puts per process, cycling over a few keys both processes write and read back
 
 
 def _arrays(i: int) -> dict[str, np.ndarray]:
@@ -35,7 +36,8 @@ def _cache_worker(root: str, barrier, out) -> None:
     cache = FeatureCache(root)
     errors: list[str] = []
     barrier.wait()
-    for i in range(N_KEYS):
+    for n in range(N_PUTS):
+        i = n % N_KEYS
         key = f"k{i:05d}"
         try:
             a = _arrays(i)
