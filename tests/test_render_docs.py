@@ -36,6 +36,7 @@ def test_results_are_rendered_where_the_docs_promise_them():
     assert where["sweep.md"] == ["example_report", "sweep"]
     assert where["probing.md"] == ["probe_comparison", "probe_summary", "attribution"]
     assert "gpu_check" in where["kernels_triton.md"]
+    assert where["throughput.md"] == ["score_floor", "data_share"]
     assert {s for names in where.values() for s in names} <= set(render_docs.SECTIONS)
 
 
