@@ -190,6 +190,21 @@ def _stop(pool: Any) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _submit_ignoring_sigint(pool: Any, task: Task) -> Any:
+    """``pool.submit(run_task, task)`` with SIGINT ignored while it runs: a spawn pool starts its workers inside
+    the first submit, and a child started while SIGINT is ignored keeps ignoring it (CPython leaves a SIGINT the
+    parent changed alone), so a Ctrl-C during a worker's start-up (seconds of imports) prints no traceback there.
+    The driver's handler is back as soon as the processes exist."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(run_task, task)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return pool.submit(run_task, task)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def run_local(tasks: Sequence[Task], workers: int | None = None, claim: Claim | None = None, **_: Any) -> Result:
     """A pool of ``workers`` spawned processes, one checkpoint per task, at most 2 per worker queued at once.
 
@@ -214,7 +229,7 @@ def run_local(tasks: Sequence[Task], workers: int | None = None, claim: Claim | 
                 while todo and len(inflight) < 2 * workers:
                     t = todo.pop()
                     if claim is None or claim(t):
-                        inflight[pool.submit(run_task, t)] = t
+                        inflight[_submit_ignoring_sigint(pool, t)] = t
                 if not inflight:
                     break
                 done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
