@@ -80,7 +80,7 @@ def test_dry_run_every_step_has_real_numbers(tmp_path):
         assert "error" not in c, c
         for key in ("epoch_s", "extrapolated_30_epochs_s", "needed_tflops", "predicted_epoch_s"):
             assert _positive(c[key]), (key, c)
-        assert c["extrapolated_30_epochs_s"] >= 30 * c["epoch_s"]
+        assert c["extrapolated_30_epochs_s"] >= 30 * c["epoch_s"] * (1 - 1e-3)   # both rounded to 4 digits
         assert c["measured"].startswith("1 full epoch")
     assert _positive(g["configs"][0]["pct_of_matmul"])                     # against fp32 matmul of the same run
 

@@ -122,10 +122,12 @@ class _Heartbeat:
 
 
 def _unchanged_since(path: str, created_at: str) -> bool:
-    """A row stored before content hashes existed still describes ``path`` if the file is older than the row."""
+    """A row stored before content hashes existed still describes ``path`` if the file is older than the row.
+
+    ``created_at`` is truncated to the second, so a file written earlier in the row's own second is older."""
     from .store import created_epoch
     try:
-        return os.stat(path).st_mtime <= created_epoch(created_at)
+        return os.stat(path).st_mtime < created_epoch(created_at) + 1.0
     except (OSError, ValueError):
         return False
 
