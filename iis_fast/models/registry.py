@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, IISInputError
-from .checkpoint import (checkpoint_num_classes, find_state_dict, load_state_dict_candidate, load_state_dict_checked,
-                         read_checkpoint_file, read_state_dict)
+from .checkpoint import (_is_classifier_key, checkpoint_num_classes, classifier_prefixes, find_state_dict,
+                         load_state_dict_candidate, load_state_dict_checked, read_checkpoint_file, read_state_dict)
 
 __all__ = [
     "PretrainedSource",
@@ -172,12 +172,6 @@ def _set_cfg(model: nn.Module, updates: Mapping[str, Any]) -> None:
             pass
 
 
-def _classifier_keys(model: nn.Module) -> list[str]:
-    cls_name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "classifier")
-    names = [cls_name] if isinstance(cls_name, str) else list(cls_name)
-    return [k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)]
-
-
 def _probe_model(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
     """``name`` built only for its keys and shapes: on the meta device (no memory, no init) where that works."""
     try:
@@ -251,7 +245,8 @@ def create_model(
         sd = load_pretrained_state_dict(name, model)
         drop = set()
         own = model.state_dict()
-        for k in _classifier_keys(model):
+        cls = classifier_prefixes(model)
+        for k in (k for k in own if _is_classifier_key(k, cls)):
             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape):
                 drop.add(k)
         if drop:
