@@ -1,7 +1,7 @@
 """Build of the C++ kernels (csrc/) and the package layout. Metadata and dependencies live in pyproject.toml.
 
 The kernels are compiled once per CPU level, each into its own extension module, and
-:mod:`iis_fast.ops.cpu_level` picks the best one the running CPU supports at import time, so a wheel built
+:mod:`iis_fast.backends.cpu_level` picks the best one the running CPU supports at import time, so a wheel built
 on one machine runs on any x86-64 machine (and on other architectures with the portable build):
 
 - ``iis_fast._C_avx2``: ``-march=x86-64-v3`` (AVX2, FMA, BMI2: the vectorised kernels);

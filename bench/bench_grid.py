@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from iis_fast.config import DEFAULT_LRS, DEFAULT_SPARSITIES  # noqa: E402
-from iis_fast.heads.common import GridSpec  # noqa: E402
-from iis_fast.ops import available_backends, resolve_backend  # noqa: E402
+from iis_fast.backends.common import GridSpec  # noqa: E402
+from iis_fast.backends import available_backends, resolve_backend  # noqa: E402
 
 D, M, BATCH, EVAL_N = 1280, 200, 1024, {"small": 10_000, "large": 5_000}
 REGIMES = {"small": (50_000, 10), "large": (20_000, 1000)}
@@ -91,7 +91,7 @@ def matmul_gflops(threads: int, device: str = "cpu") -> dict[str, float]:
         out[name] = 2.0 * 1024 * D * 3000 / best / 1e9
     if device == "cpu":
         try:
-            from iis_fast.ops.cpp_backend import _C
+            from iis_fast.backends.cpp import _C
             an, bn = a.numpy(), b.numpy()
             _C.matmul(an, bn)
             best = float("inf")

@@ -130,7 +130,8 @@ def element_counts() -> dict:
     crop) and official (segments of the full-resolution 28 x 28 images)."""
     from iis_fast.concepts.elements import concept_source_indices
     from iis_fast.concepts.official import official_segment_masks
-    from iis_fast.data.fashion_mnist import load_fashion_mnist, stratified_subset
+    from iis_fast.data.fashion_mnist import load_fashion_mnist
+    from iis_fast.data.sampling import stratified_subset
     images, labels = load_fashion_mnist("train")
     idx = stratified_subset(labels, 2000, 0)
     src = concept_source_indices(labels[idx], 10)

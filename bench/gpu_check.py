@@ -251,8 +251,8 @@ def step_environment(ctx: Context) -> dict:
         if importlib.util.find_spec(mod) is None:
             out[mod] = "not installed"
     import iis_fast
-    from iis_fast.ops import available_backends
-    from iis_fast.ops import cpp_backend
+    from iis_fast.backends import available_backends
+    from iis_fast.backends import cpp as cpp_backend
     out["iis_fast"] = iis_fast.__version__
     out["cpp_level"] = cpp_backend.CPU_LEVEL or None
     out["backends"] = {"cpu": available_backends("cpu"), "cuda": available_backends("cuda")}
@@ -445,7 +445,7 @@ def iis_from_grid(out: Any, sparsities) -> dict:
     best epoch (first maximum) per head, acc_std = best probe, acc_s = best head of sparsity s over lrs,
     ARR = acc_s / acc_std, IIS = trapezoid area under ARR(s)."""
     import numpy as np
-    from iis_fast.heads.common import best_epoch_choice
+    from iis_fast.backends.common import best_epoch_choice
     from iis_fast.result import iis_from_curve
     best_p, _ = best_epoch_choice(out.probe_acc[0])
     best_h, _ = best_epoch_choice(out.head_acc[0])
@@ -461,9 +461,9 @@ def step_agreement(ctx: Context) -> dict:
     """Backend triton vs cpp (or reference) on the same features, spec and seed: per-epoch accuracies and IIS."""
     import numpy as np
     import torch
-    from iis_fast.heads.common import GridSpec
-    from iis_fast.ops import available_backends, resolve_backend
-    from iis_fast.ops.triton_backend import train_grid_triton
+    from iis_fast.backends.common import GridSpec
+    from iis_fast.backends import available_backends, resolve_backend
+    from iis_fast.backends.triton import train_grid_triton
 
     s = ctx.sizes
     feats, how = agreement_features(ctx)
@@ -574,8 +574,8 @@ def step_grid(ctx: Context) -> dict:
     import torch
     sys.path.insert(0, str(BENCH))
     from bench_grid import needed_flops
-    from iis_fast.heads.common import GridSpec
-    from iis_fast.ops.triton_backend import train_grid_triton
+    from iis_fast.backends.common import GridSpec
+    from iis_fast.backends.triton import train_grid_triton
 
     s, dev = ctx.sizes, ctx.device
     t = time.perf_counter()

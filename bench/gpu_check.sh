@@ -20,7 +20,7 @@ LOG="$LOGDIR/gpu_check.log"
 say() { echo "[gpu_check.sh] $*" | tee -a "$LOG" >&2; }  # stderr: build() prints only its method
 
 built() {  # the C++ kernels import and iis_fast.kernels (the Triton package, kernels/) resolves
-  "$PY" -c "from iis_fast.ops.cpp_backend import _C; assert _C is not None; import importlib.util as u; \
+  "$PY" -c "from iis_fast.backends.cpp import _C; assert _C is not None; import importlib.util as u; \
 assert u.find_spec('iis_fast.kernels')" >/dev/null 2>&1
 }
 

@@ -70,7 +70,8 @@ def main() -> None:
                                                   "probe_official_vs_previous.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from iis_fast.data.fashion_mnist import FashionMNIST, load_fashion_mnist, stratified_subset
+    from iis_fast.data.fashion_mnist import FashionMNIST, load_fashion_mnist
+    from iis_fast.data.sampling import stratified_subset
     from iis_fast.models import create_model, preprocessing_config
 
     t0 = time.perf_counter()

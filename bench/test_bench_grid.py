@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_grid import make_data, needed_flops  # noqa: E402
 
 from iis_fast.config import DEFAULT_LRS, DEFAULT_SPARSITIES  # noqa: E402
-from iis_fast.heads.common import GridSpec  # noqa: E402
-from iis_fast.ops import available_backends, resolve_backend  # noqa: E402
+from iis_fast.backends.common import GridSpec  # noqa: E402
+from iis_fast.backends import available_backends, resolve_backend  # noqa: E402
 
 REGIMES = {"small": dict(n=4096, n_eval=1024, k=10), "large": dict(n=2048, n_eval=512, k=1000)}
 EPOCHS = 2

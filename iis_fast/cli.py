@@ -119,7 +119,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from .ops import available_backends, resolve_backend
+    from .backends import available_backends, resolve_backend
     for name, why in available_backends(args.device).items():
         print(f"{name:<10} {'available' if not why else 'unavailable: ' + why}")
     print(f"auto -> {resolve_backend('auto', args.device).name}")
@@ -213,7 +213,7 @@ def precheck(args: argparse.Namespace) -> None:
         for lib in (opts["library"] if isinstance(opts["library"], list) else [opts["library"]]):
             IISConfig.from_options(**{**opts, "library": lib})
         if getattr(args, "executor", "local") in ("local", "inline"):     # Ray/Slurm workers have their own
-            from .ops import resolve_backend
+            from .backends import resolve_backend
             from .validation import check_device
             check_device(args.device)
             resolve_backend(args.backend, args.device)     # BackendUnavailable, e.g. --backend triton on a CPU

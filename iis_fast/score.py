@@ -10,8 +10,8 @@ import torch
 
 from .config import IISConfig
 from .errors import IISInputError
-from .heads.common import AssignmentSpec, GridSpec, best_epoch_choice
-from .ops import get_trainer
+from .backends.common import AssignmentSpec, GridSpec, best_epoch_choice
+from .backends import get_trainer
 from .result import IISResult, chance_warning, iis_from_curve, warn_all
 from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes, check_device, \
     check_images_per_class, expect_channels, infer_num_classes, input_channels

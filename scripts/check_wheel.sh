@@ -51,7 +51,7 @@ PY
 echo "[wheel] CPU-backend tests, kernels forced to the lowest level"
 rm -rf "$OUT/tests" && cp -r "$ROOT/tests" "$OUT/tests"
 IIS_FAST_CPU_LEVEL=base "$VENV2/bin/python" -c \
-  "from iis_fast.ops.cpp_backend import CPU_LEVEL, _C; assert CPU_LEVEL == 'base' and _C is not None, CPU_LEVEL; print('[wheel] kernels:', _C.__name__)"
+  "from iis_fast.backends.cpp import CPU_LEVEL, _C; assert CPU_LEVEL == 'base' and _C is not None, CPU_LEVEL; print('[wheel] kernels:', _C.__name__)"
 IIS_FAST_CPU_LEVEL=base IIS_FAST_WEIGHTS="$ROOT/.venv/share/iis_fast/weights" \
   "$VENV2/bin/python" -m pytest -q -p no:cacheprovider -p no:warnings --rootdir "$OUT" \
   "$OUT/tests/test_cpp_backend.py" "$OUT/tests/test_heads.py"

@@ -42,7 +42,7 @@ fi
 # Everything Python comes from pyproject.toml (extra "all"); the constraints file pins the torch build.
 STAMP="$VENV/.iis_fast_setup"
 want=$(cat pyproject.toml setup.py scripts/constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "from iis_fast.ops.cpp_backend import _C; assert _C" 2>/dev/null; then
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "from iis_fast.backends.cpp import _C; assert _C" 2>/dev/null; then
   PIP="$VENV/bin/python -m pip install -q --disable-pip-version-check"
   $PIP --upgrade "pip>=23.1" "setuptools>=68" wheel
   echo "[setup] pip install -e .[all] (dependencies, then the C++ kernels)"

@@ -36,7 +36,7 @@ def pretrained_mobilenet():
 def real_features(fmnist_train, pretrained_mobilenet):
     """ImageNet MobileNetV2 features (D=1280) of 600 train + 300 eval Fashion-MNIST images at 64 px, and a
     200-concept prototype library from other train images. Returns (train_x, train_y, eval_x, eval_y, C)."""
-    from iis_fast.data.fashion_mnist import stratified_subset
+    from iis_fast.data.sampling import stratified_subset
     from iis_fast.features import representation_fn
     from iis_fast.models import preprocessing_config
     images, labels = fmnist_train

@@ -17,12 +17,12 @@ import torch
 
 from iis_fast.config import DEFAULT_SPARSITIES
 from iis_fast.errors import IISInputError
-from iis_fast.heads.batched import GridParams, normalized_projection, stacked_cross_entropy, train_grid_torch
-from iis_fast.heads.common import GridSpec, best_epoch_choice, sparse_mask
-from iis_fast.heads.reference import train_grid_reference
-from iis_fast.ops import available_backends, resolve_backend
+from iis_fast.backends.torch import GridParams, normalized_projection, stacked_cross_entropy, train_grid_torch
+from iis_fast.backends.common import GridSpec, best_epoch_choice, sparse_mask
+from iis_fast.backends.reference import train_grid_reference
+from iis_fast.backends import available_backends, resolve_backend
 
-cb = pytest.importorskip("iis_fast.ops.cpp_backend")
+cb = pytest.importorskip("iis_fast.backends.cpp")
 if cb._C is None:
     pytest.skip(f"C++ extension not built: {cb._IMPORT_ERROR}", allow_module_level=True)
 
@@ -298,13 +298,13 @@ def test_cpu_level_dispatch_and_scalar_fallback_agree():
     import subprocess
     import sys
 
-    from iis_fast.ops import cpu_level
+    from iis_fast.backends import cpu_level
     assert cpu_level.supported_levels()[-1] == "base" and cb.CPU_LEVEL in cpu_level.supported_levels()
     code = """
 import json, sys, torch
 torch.manual_seed(0)
-from iis_fast.ops import cpp_backend as cb
-from iis_fast.heads.common import GridSpec
+from iis_fast.backends import cpp as cb
+from iis_fast.backends.common import GridSpec
 g = torch.Generator().manual_seed(1)
 x = torch.randn(600, 48, generator=g); y = torch.randint(0, 5, (600,), generator=g)
 x[torch.arange(600), y] += 2.0

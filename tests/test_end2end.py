@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iis_fast.heads.common import AssignmentSpec, GridSpec
-from iis_fast.heads.end2end import (SegmentSumST, assignment_logits, gumbel_noise, init_assignment,
+from iis_fast.backends.common import AssignmentSpec, GridSpec
+from iis_fast.backends.end2end import (SegmentSumST, assignment_logits, gumbel_noise, init_assignment,
                                     stable_soft_grad, train_concepts)
-from iis_fast.ops import available_backends, get_trainer
+from iis_fast.backends import available_backends, get_trainer
 from iis_fast.result import iis_from_curve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -87,7 +87,7 @@ def test_backends_agree_with_the_oracle(real_features, stochastic):
 
 def test_end2end_needs_a_backend_that_trains_it():
     from iis_fast.errors import BackendUnavailable
-    from iis_fast.ops import resolve_backend
+    from iis_fast.backends import resolve_backend
     if "triton" in available_backends("cpu"):
         with pytest.raises(BackendUnavailable, match="end2end"):
             resolve_backend("triton", "cpu", end2end=True)

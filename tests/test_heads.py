@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from iis_fast.config import DEFAULT_SPARSITIES, kept_count
-from iis_fast.heads.batched import GridParams, grid_logits, train_grid_torch
-from iis_fast.heads.common import GridSpec, init_linear, sparse_mask
-from iis_fast.heads.reference import ConceptHead, make_probe, train_grid_reference
+from iis_fast.backends.torch import GridParams, grid_logits, train_grid_torch
+from iis_fast.backends.common import GridSpec, init_linear, sparse_mask
+from iis_fast.backends.reference import ConceptHead, make_probe, train_grid_reference
 from iis_fast.result import iis_from_curve
 
 

@@ -112,7 +112,7 @@ def test_devices_that_do_not_exist_are_named(real_features):
 @pytest.fixture(scope="module")
 def fm_images(fmnist_train, pretrained_mobilenet):
     """300 Fashion-MNIST train images (30 per class) at 48 px for MobileNetV2: (grey [N, 1], normalised rgb, y)."""
-    from iis_fast.data.fashion_mnist import stratified_subset
+    from iis_fast.data.sampling import stratified_subset
     from iis_fast.models import preprocessing_config
     images, labels = fmnist_train
     idx = stratified_subset(labels, 300, seed=1)

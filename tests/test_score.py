@@ -113,7 +113,7 @@ def test_representation_of_timm_torchvision_and_named_layer(pretrained_mobilenet
 
 @pytest.fixture(scope="module")
 def fm_loaders(fmnist_train, pretrained_mobilenet):
-    from iis_fast.data.fashion_mnist import stratified_subset
+    from iis_fast.data.sampling import stratified_subset
     from iis_fast.models import preprocessing_config
     images, labels = fmnist_train
     idx = stratified_subset(labels, 300, seed=1)

@@ -34,7 +34,7 @@ if IN_PROCESS:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         from iis_fast.kernels import _common, adam, cross_entropy, projection, sparse_head
-        from iis_fast.ops.triton_backend import _FlatGrid, train_grid_triton
+        from iis_fast.backends.triton import _FlatGrid, train_grid_triton
     finally:                             # kernels built; the fixture below sets it again per test
         if _prev is None:
             del os.environ["TRITON_INTERPRET"]
@@ -42,10 +42,10 @@ if IN_PROCESS:
             os.environ["TRITON_INTERPRET"] = _prev
 
 from iis_fast.config import DEFAULT_SPARSITIES                                    # noqa: E402
-from iis_fast.heads.batched import (GridParams, grid_logits, normalized_projection,  # noqa: E402
+from iis_fast.backends.torch import (GridParams, grid_logits, normalized_projection,  # noqa: E402
                                     stacked_cross_entropy, train_grid_torch)
-from iis_fast.heads.common import GridSpec, sparse_mask                             # noqa: E402
-from iis_fast.ops import available_backends, resolve_backend                       # noqa: E402
+from iis_fast.backends.common import GridSpec, sparse_mask                             # noqa: E402
+from iis_fast.backends import available_backends, resolve_backend                       # noqa: E402
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -386,9 +386,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def test_gpu_compiled_grid_matches_torch_fp32_and_bf16():
     _run_compiled("""
         import numpy as np, torch, torch.nn.functional as F
-        from iis_fast.heads.batched import train_grid_torch
-        from iis_fast.heads.common import GridSpec
-        from iis_fast.ops.triton_backend import train_grid_triton
+        from iis_fast.backends.torch import train_grid_torch
+        from iis_fast.backends.common import GridSpec
+        from iis_fast.backends.triton import train_grid_triton
         torch.backends.cuda.matmul.allow_tf32 = False
         g = torch.Generator().manual_seed(0)
         n, d, m, k = 8192, 256, 200, 10
@@ -415,9 +415,9 @@ def test_gpu_compiled_grid_matches_torch_fp32_and_bf16():
 def test_gpu_speed_smoke_faster_than_torch_path():
     out = _run_compiled("""
         import time, torch
-        from iis_fast.heads.batched import train_grid_torch
-        from iis_fast.heads.common import GridSpec
-        from iis_fast.ops.triton_backend import train_grid_triton
+        from iis_fast.backends.torch import train_grid_torch
+        from iis_fast.backends.common import GridSpec
+        from iis_fast.backends.triton import train_grid_triton
         n, d, m, k = 20000, 1280, 200, 1000
         x = torch.randn(n, d, device="cuda"); y = torch.randint(0, k, (n,), device="cuda")
         c = torch.nn.functional.normalize(torch.randn(m, d, device="cuda"), dim=1)

@@ -36,12 +36,12 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from ..heads.reference import train_grid_reference
-    from ..heads.batched import train_grid_torch
+    from .reference import train_grid_reference
+    from .torch import train_grid_torch
     register_backend("reference", train_grid_reference, lambda device: (True, ""), rank=100, end2end=True)
     register_backend("torch", train_grid_torch, lambda device: (True, ""), rank=50, end2end=True)
     # Fused backends register themselves from their own modules if they import.
-    for mod in ("iis_fast.ops.cpp_backend", "iis_fast.ops.triton_backend"):
+    for mod in ("iis_fast.backends.cpp", "iis_fast.backends.triton"):
         try:
             __import__(mod)
         except ModuleNotFoundError as e:

@@ -1,6 +1,6 @@
 """`backend="torch"`: every probe and concept head of the grid trained in one pass over the features.
 
-Same semantics as :mod:`iis_fast.heads.reference` (same init, batch order, Adam, lr schedule); the concept heads
+Same semantics as :mod:`iis_fast.backends.reference` (same init, batch order, Adam, lr schedule); the concept heads
 share a = x·Cᵀ and its LayerNorm statistics, and differ only in (γ, β, W, b), threshold rank and lr.
 Head h = si * n_lr + li holds sparsity si at learning rate li.
 """

@@ -1,6 +1,6 @@
 """`backend="triton"`: the grid's hot loop in fused Triton kernels (see docs/kernels_triton.md).
 
-Same semantics as the torch path (:func:`iis_fast.heads.batched.train_grid_torch`): the same `GridParams`
+Same semantics as the torch path (:func:`iis_fast.backends.torch.train_grid_torch`): the same `GridParams`
 initialisation, batch order (`train_epochs`), per-head Adam and lr schedule, so the two agree to float tolerance.
 Per step:
   probes  : logits = baddbmm(bp, x, wp) (cuBLAS) -> fused CE fwd+bwd in place (kernels.cross_entropy)
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable
-from ..heads.batched import GridParams
-from ..heads.common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, train_epochs
+from .torch import GridParams
+from .common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, train_epochs
 from . import _load_builtin, register_backend
 
 EVAL_CHUNK = 4096
@@ -142,7 +142,7 @@ def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
     return GridOutput(probe_acc, head_acc, backend="triton", timings=timings)
 
 
-# Load the built-in backends first: ops._load_builtin() skips its work once the registry is non-empty, so a
-# direct `import iis_fast.ops.triton_backend` registering "triton" alone would hide "torch" and "reference".
+# Load the built-in backends first: _load_builtin() runs once per process, so a
+# direct `import iis_fast.backends.triton` registering "triton" alone would hide "torch" and "reference".
 _load_builtin()
 register_backend("triton", train_grid_triton, triton_available, rank=5)

@@ -59,7 +59,7 @@ class End2EndHead(nn.Module):
             return F.one_hot(ell.argmax(-1), ell.shape[-1]).float()
         y_soft = (ell / self.tau + self.noise).softmax(-1)
         index = y_soft.max(-1, keepdim=True)[1]
-        if y_soft.requires_grad:        # the same gradient, computed stably (iis_fast.heads.end2end.stable_soft_grad)
+        if y_soft.requires_grad:        # the same gradient, computed stably (iis_fast.backends.end2end.stable_soft_grad)
             y_soft.register_hook(lambda g: g - g.gather(-1, index))
         y_hard = torch.zeros_like(ell).scatter_(-1, index, 1.0)
         return y_hard - y_soft.detach() + y_soft

@@ -1,7 +1,7 @@
 """`backend="cpp"`: the whole grid trained by the fused C++ kernels (csrc/, built per CPU level; see cpu_level.py).
 
-Same semantics as :func:`iis_fast.heads.batched.train_grid_torch` — same initial parameters (built by
-:class:`GridParams`), same batch order (:func:`~iis_fast.heads.common.train_epochs`), same Adam arithmetic and lr schedule — so the
+Same semantics as :func:`iis_fast.backends.torch.train_grid_torch` — same initial parameters (built by
+:class:`GridParams`), same batch order (:func:`~iis_fast.backends.common.train_epochs`), same Adam arithmetic and lr schedule — so the
 accuracies match up to float rounding (a different summation order can flip a rare argmax or a rare near-tie at
 the threshold). Differences in *how*:
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import IISInputError
-from ..heads.batched import GridParams
-from ..heads.common import GridOutput, GridSpec, train_epochs
+from .torch import GridParams
+from .common import GridOutput, GridSpec, train_epochs
 from . import register_backend
 
 from .cpu_level import load_extension
@@ -195,7 +195,7 @@ def train_end2end_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
     threshold, mask, GEMM, CE, backward, Adam, and d ahat_h), then autograd from ahat_h back to q_h, whose
     element-side product E·dPᵀ is one [E x D] x [D x H·M] GEMM for the whole grid; Adam on q, γ_q, β_q (torch).
     """
-    from ..heads.end2end import (TRAIN_STREAM, AssignParams, evaluate_end2end, gumbel_noise, head_projection,
+    from .end2end import (TRAIN_STREAM, AssignParams, evaluate_end2end, gumbel_noise, head_projection,
                                  train_concepts)
     t0 = time.perf_counter()
     a = spec.assignment

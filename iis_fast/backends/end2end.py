@@ -146,7 +146,7 @@ class AssignParams:
         return {"q": self.q, "gq": self.gq, "bq": self.bq}
 
     def adam_step(self, grads: dict[str, torch.Tensor], step: int, lr_scale: float) -> None:
-        from .batched import adam_step_
+        from .torch import adam_step_
         adam_step_(self.tensors(), self.moments, grads, {n: self.lr for n in self.NAMES}, step, lr_scale)
 
 
@@ -181,7 +181,7 @@ def evaluate_end2end(x: torch.Tensor, y: torch.Tensor, elements: torch.Tensor, a
 def train_end2end_torch(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
                         elements: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
     """The whole end2end grid at once with autograd: probes as usual, every head with its own C_h per step."""
-    from .batched import GridParams, stacked_cross_entropy
+    from .torch import GridParams, stacked_cross_entropy
 
     device = x.device
     a = spec.assignment
