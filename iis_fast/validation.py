@@ -1,6 +1,8 @@
 """Checks on what users pass in. Each error names the argument at fault and what to do about it."""
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -44,28 +46,8 @@ def as_features(x: Any, name: str) -> torch.Tensor:
 
 
 def as_labels(y: Any, n: int, name: str, num_classes: int | None = None) -> torch.Tensor:
-    """A 1-D int64 label tensor of length n with values in [0, num_classes)."""
-    if isinstance(y, np.ndarray):
-        y = tensor_from_numpy(y)
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if y.dim() != 1 or y.shape[0] != n:
-        raise IISInputError(f"{name} must have shape [{n}] (one label per sample), got shape {tuple(y.shape)}")
-    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
-        if y.is_floating_point() and torch.isfinite(y).all() and (y == y.round()).all():
-            y = y.long()
-        else:
-            raise IISInputError(f"{name} must hold integer class indices, got dtype {y.dtype} with non-integer values")
-    y = y.long()
-    if (y < 0).any():
-        raise IISInputError(f"{name} has negative labels (min {y.min().item()}): labels must be 0..K-1")
-    if y.numel() and int(y.max()) >= MAX_CLASSES:
-        raise IISInputError(f"{name} has label {int(y.max())}, above the largest supported class index "
-                            f"{MAX_CLASSES - 1}: labels must be class indices 0..K-1")
-    if num_classes is not None and (y >= num_classes).any():
-        raise IISInputError(f"{name} has label {y.max().item()} but there are only {num_classes} classes "
-                            f"(labels must be in 0..{num_classes - 1}); pass num_classes= or fix the labels")
-    return y
+    """A 1-D int64 label tensor of length n with values in [0, num_classes) (the rule: :func:`label_array`)."""
+    return tensor_from_numpy(label_array(y, name, n=n, num_classes=num_classes))
 
 
 def infer_num_classes(train_y: torch.Tensor, eval_y: torch.Tensor, num_classes: int | None) -> int:
@@ -180,3 +162,97 @@ def check_images_per_class(labels: np.ndarray, images_per_class: int) -> None:
         raise IISInputError(f"images_per_class={images_per_class} but class(es) {short[:10].tolist()} have fewer "
                             f"training images (the smallest has {int(counts[present].min())}): lower "
                             "images_per_class or give more training data")
+
+
+# ------------------------------------------------------------------------------------------- shared rules
+# Each rule below is written once; callers in data/, models/, concepts/ use them (see docs/data.md).
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (affinity-aware: a container or ``taskset`` limit counts)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def rgb_triple(v: Any, what: str) -> tuple[float, float, float]:
+    """Per-RGB-channel values (``mean``/``std``): one number for all channels, or three; all finite, and positive
+    when ``what == "std"``. Accepts numbers, sequences and tensors."""
+    try:
+        t = tuple(float(x) for x in torch.as_tensor(v, dtype=torch.float64).flatten().tolist())
+    except (TypeError, ValueError, RuntimeError):
+        t = ()
+    if len(t) == 1:
+        t = t * 3
+    if len(t) != 3 or not all(math.isfinite(x) for x in t):
+        raise IISInputError(f"{what} must be 3 finite numbers (one per RGB channel), got {v!r}")
+    if what == "std" and min(t) <= 0:
+        raise IISInputError(f"std must be positive in every RGB channel, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+def image_hw(size: Any, what: str = "image_size") -> tuple[int, int]:
+    """An image size given as one int S (a square) or as ``(H, W)``, as positive ``(H, W)``."""
+    try:
+        if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            hw = (int(size), int(size))
+        else:
+            hw = tuple(int(v) for v in size)
+    except (TypeError, ValueError):
+        hw = ()
+    if len(hw) != 2 or min(hw) < 1:
+        raise IISInputError(f"{what} must be a positive int or (height, width), got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def square_side(size: Any, what: str = "image_size") -> int:
+    """:func:`image_hw` for square-only consumers (FFCV's centre crop): the side S of ``S`` or ``(S, S)``."""
+    h, w = image_hw(size, what)
+    if h != w:
+        raise IISInputError(f"{what} must be a positive int or a square (S, S), got {size!r} "
+                            "(FFCV's centre crop is square)")
+    return h
+
+
+def label_bound(num_classes: int | None) -> int:
+    """The exclusive upper bound of a class index: ``num_classes`` when given (capped at :data:`MAX_CLASSES`)."""
+    return MAX_CLASSES if num_classes is None else min(int(num_classes), MAX_CLASSES)
+
+
+def label_array(y: Any, name: str = "labels", *, n: int | None = None, other: str = "the features",
+                num_classes: int | None = None, integral_floats: bool = True) -> np.ndarray:
+    """1-D int64 class indices (numpy): the one label rule of the package.
+
+    Args:
+        y: labels (numpy, torch, a sequence).
+        name: the argument's name, for the error.
+        n: the required length (one label per row of ``other``).
+        num_classes: labels must be below it (and always below :data:`MAX_CLASSES`), and never negative.
+        integral_floats: accept floats that hold whole numbers (labels read from a CSV); False refuses every
+            non-integer dtype (the variant the library builders and the C++ grid use).
+
+    Raises:
+        IISInputError: wrong shape or length, a non-integer dtype, a negative or too large label.
+    """
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    a = np.asarray(y)
+    if a.ndim != 1:
+        raise IISInputError(f"{name} has shape {a.shape}; expected a 1-D vector of integer class ids")
+    if n is not None and a.shape[0] != n:
+        raise IISInputError(f"{name} has {a.shape[0]} entries but {other} has {n} rows; they must match "
+                            f"(one label per sample, shape [{n}])")
+    if a.size and a.dtype.kind not in "iu":
+        whole = a.dtype.kind == "f" and bool(np.isfinite(a).all()) and bool((a == np.round(a)).all())
+        if not (integral_floats and whole):
+            raise IISInputError(f"{name} has dtype {a.dtype}: expected integer labels (class ids 0..K-1)")
+    a = a.astype(np.int64, copy=False)
+    if a.size and int(a.min()) < 0:
+        raise IISInputError(f"{name} has negative labels (min {int(a.min())}): labels must be 0..K-1")
+    if a.size and int(a.max()) >= MAX_CLASSES:
+        raise IISInputError(f"{name} has label {int(a.max())}, above the largest supported class index "
+                            f"{MAX_CLASSES - 1}: labels must be class indices 0..K-1")
+    if num_classes is not None and a.size and int(a.max()) >= num_classes:
+        raise IISInputError(f"{name} has label {int(a.max())} but there are only {num_classes} classes (labels "
+                            f"must lie in [0, {num_classes})); pass num_classes= or fix the labels")
+    return a

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IISInputError
+from ..validation import image_hw, label_array, rgb_triple
 
 ELEMENT_KINDS = ("patches", "segments")
 ELEMENT_CHOICES = ("patches", "segments", "both")
@@ -47,29 +48,11 @@ def _check_images(images01: torch.Tensor, name: str = "images01") -> torch.Tenso
 
 
 def _check_out_size(out_size: Sequence[int] | int) -> tuple[int, int]:
-    if isinstance(out_size, int):
-        out_size = (out_size, out_size)
-    try:
-        h, w = (int(v) for v in out_size)
-    except (TypeError, ValueError):
-        raise IISInputError(f"out_size={out_size!r}: give the model input size as (height, width)") from None
-    if h < 1 or w < 1:
-        raise IISInputError(f"out_size={out_size!r}: height and width must be positive")
-    return h, w
+    return image_hw(out_size, "out_size")
 
 
 def _as_label_array(labels: Sequence[int] | np.ndarray | torch.Tensor, name: str = "labels") -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    arr = np.asarray(labels)
-    if arr.ndim != 1:
-        raise IISInputError(f"{name} has shape {arr.shape}; expected a 1-D sequence of integer class ids")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise IISInputError(f"{name} has dtype {arr.dtype}; pass integer class ids")
-    return arr.astype(np.int64, copy=False)
+    return label_array(labels, name)
 
 
 def _resize(images: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -368,12 +351,7 @@ def clear_element_memo() -> None:
 
 # ----------------------------------------------------------------------------------------------- embedding
 def _stats(v: Sequence[float] | torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float32).flatten()
-    if t.numel() not in (1, 3) or not torch.isfinite(t).all():
-        raise IISInputError(f"{name}={v!r}: give 3 finite per-channel values (the loader's normalisation)")
-    if name == "std" and (t <= 0).any():
-        raise IISInputError(f"std={v!r}: every channel's std must be positive")
-    return t.expand(3).reshape(1, 3, 1, 1).clone()
+    return torch.tensor(rgb_triple(v, name), dtype=torch.float32).reshape(1, 3, 1, 1)
 
 
 def _embed_batches(embed_fn: EmbedFn, element_images01: torch.Tensor, mean_t: torch.Tensor, std_t: torch.Tensor,

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.sampling import stratified_indices
 from ..errors import IISInputError
+from ..validation import label_array
 
 LIBRARY_KINDS = ("prototype", "cluster", "end2end", "text")
 
@@ -35,16 +37,7 @@ def _as_feats(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 
 
 def _as_labels(y, n: int, name: str, other: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y))
-    if t.ndim != 1:
-        raise IISInputError(f"{name} has shape {tuple(t.shape)}; expected a 1-D vector of integer class ids")
-    if t.shape[0] != n:
-        raise IISInputError(f"{name} has {t.shape[0]} entries but {other} has {n} rows; they must match")
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise IISInputError(f"{name} has dtype {t.dtype}; pass integer class ids")
-    if n and int(t.min()) < 0:
-        raise IISInputError(f"{name} contains negative class ids; use ids 0..K-1")
-    return t.long()
+    return torch.from_numpy(label_array(y, name, n=n, other=other, integral_floats=False))
 
 
 def _check_m(num_concepts: int, n_elements: int, kind: str) -> int:
@@ -92,32 +85,6 @@ def _check_order(order: np.ndarray, n: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ prototype
-def stratified_indices(labels: torch.Tensor | np.ndarray, num: int, seed: int = 0) -> np.ndarray:
-    """Indices of ``num`` items spread evenly over classes (deterministic for ``seed``).
-
-    Every class gets min(its size, floor(num / #classes)); the leftover picks go one at a time to classes that
-    still have items, visiting classes in a seeded random order. Within a class the items are a seeded random
-    choice. The result is grouped by class (ascending class id), ascending within a class.
-    """
-    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    if num > lab.shape[0]:
-        raise IISInputError(f"cannot pick {num} items from {lab.shape[0]}; lower num_concepts")
-    rng = np.random.default_rng(seed)
-    classes = np.unique(lab)
-    members = [np.flatnonzero(lab == c) for c in classes]
-    counts = np.array([len(m) for m in members])
-    quotas = np.minimum(counts, num // len(classes))
-    remaining = num - int(quotas.sum())
-    order = rng.permutation(len(classes))
-    while remaining > 0:
-        for ci in order:
-            if remaining == 0:
-                break
-            if quotas[ci] < counts[ci]:
-                quotas[ci] += 1
-                remaining -= 1
-    picks = [np.sort(rng.choice(m, int(q), replace=False)) for m, q in zip(members, quotas)]
-    return np.concatenate(picks).astype(np.int64)
 
 
 def prototype_library(element_feats: torch.Tensor, element_labels, num_concepts: int = 200, seed: int = 0,

@@ -7,7 +7,6 @@ Nothing is downloaded. Files are looked up in ``root``, else ``$IIS_FAST_FASHION
 - :class:`FashionMNIST`: a ``torch.utils.data.Dataset`` of ``(float [3, H, W], int)`` under eval preprocessing
   (resize, centre crop, normalise; grey replicated to 3 channels), over an optional index subset, with a
   ``fingerprint`` for feature caches.
-- :func:`stratified_subset`: deterministic class-balanced index subsets.
 - :func:`fashion_mnist_loaders`: (train, eval) DataLoaders, eval from the TEST split, no shuffling.
 """
 from __future__ import annotations
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataFileError, IISInputError
+from ..validation import image_hw, rgb_triple
+from .sampling import stratified_subset
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -35,7 +36,6 @@ __all__ = [
     "FASHION_MNIST_ENV",
     "fashion_mnist_root",
     "load_fashion_mnist",
-    "stratified_subset",
     "FashionMNIST",
     "fashion_mnist_loaders",
 ]
@@ -145,59 +145,6 @@ def load_fashion_mnist(split: str, root: str | os.PathLike[str] | None = None) -
     return images, labels_u8.astype(np.int64)
 
 
-def stratified_subset(labels: Sequence[int] | np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` indices into ``labels``, as class-balanced as possible, drawn at random with ``seed``; sorted.
-
-    Each class gets ``n // K`` (the first ``n % K`` classes in label order one more); a class with too few
-    samples gives all it has and the rest is spread over the others. Deterministic for a given
-    ``(labels, n, seed)``, and nested: for the same seed, a smaller ``n`` picks a subset of a larger one's
-    per-class picks.
-
-    Raises:
-        IISInputError: ``n`` is not in ``1..len(labels)`` or ``labels`` is not 1-D.
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1:
-        raise IISInputError(f"labels must be 1-D, got shape {y.shape}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= int(n) <= y.shape[0]:
-        raise IISInputError(f"n must be an integer in 1..{y.shape[0]} (the number of labels), got {n!r}")
-    n = int(n)
-    classes, counts = np.unique(y, return_counts=True)
-    quota = np.zeros_like(counts)
-    remaining = n
-    while remaining > 0:
-        open_ = np.flatnonzero(quota < counts)
-        share, extra = divmod(remaining, open_.size)
-        for j, c in enumerate(open_):
-            give = min(share + (1 if j < extra else 0), int(counts[c] - quota[c]))
-            quota[c] += give
-            remaining -= give
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in zip(classes, quota)]
-    return np.sort(np.concatenate(picks)).astype(np.int64)
-
-
-def _size_pair(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        hw = (int(image_size), int(image_size))
-    else:
-        hw = tuple(int(v) for v in image_size)  # type: ignore[union-attr]
-    if len(hw) != 2 or min(hw) < 1:
-        raise IISInputError(f"image_size must be a positive int or (H, W), got {image_size!r}")
-    return hw  # type: ignore[return-value]
-
-
-def _triple(v: float | Sequence[float], what: str) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) == 1:
-        t = t * 3
-    if len(t) != 3 or not all(np.isfinite(t)):
-        raise IISInputError(f"{what} must be 3 finite numbers (one per RGB channel), got {v!r}")
-    if what == "std" and min(t) <= 0:
-        raise IISInputError(f"std must be positive, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
 class FashionMNIST(Dataset):
     """Fashion-MNIST under eval preprocessing: ``(float32 [3, H, W], int label)`` per item.
 
@@ -253,9 +200,9 @@ class FashionMNIST(Dataset):
         if interpolation not in ("bilinear", "bicubic", "nearest"):
             raise IISInputError(f"interpolation must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}")
         self.indices = idx
-        self.image_size = _size_pair(image_size)
-        self.mean = _triple(mean, "mean")
-        self.std = _triple(std, "std")
+        self.image_size = image_hw(image_size)
+        self.mean = rgb_triple(mean, "mean")
+        self.std = rgb_triple(std, "std")
         self.crop_pct = float(crop_pct)
         self.interpolation = interpolation
         self._images = torch.from_numpy(np.ascontiguousarray(images[idx]))  # only the subset, [n, 28, 28] uint8

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, IISInputError
+from ..validation import rgb_triple
 from .checkpoint import (_is_classifier_key, checkpoint_num_classes, classifier_prefixes, find_state_dict,
                          load_state_dict_candidate, load_state_dict_checked, read_checkpoint_file, read_state_dict)
 
@@ -265,15 +266,6 @@ def create_model(
     return model.eval()
 
 
-def _as_triple(v: Any, what: str) -> tuple[float, float, float]:
-    t = tuple(float(x) for x in (v if isinstance(v, (tuple, list)) else (v,) * 3))
-    if len(t) == 1:
-        t = t * 3
-    if len(t) != 3:
-        raise IISInputError(f"preprocessing {what} must have 3 values, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
 def preprocessing_config(model: nn.Module) -> dict[str, Any]:
     """Eval preprocessing for ``model``: ``input_size`` (C, H, W), ``mean``, ``std``, ``crop_pct``, ``interpolation``.
 
@@ -287,8 +279,8 @@ def preprocessing_config(model: nn.Module) -> dict[str, Any]:
         raise IISInputError(f"model's pretrained_cfg input_size must be (C, H, W), got {input_size!r}")
     return {
         "input_size": input_size,
-        "mean": _as_triple(cfg.get("mean", IMAGENET_MEAN), "mean"),
-        "std": _as_triple(cfg.get("std", IMAGENET_STD), "std"),
+        "mean": rgb_triple(cfg.get("mean", IMAGENET_MEAN), "mean"),
+        "std": rgb_triple(cfg.get("std", IMAGENET_STD), "std"),
         "crop_pct": float(cfg.get("crop_pct", 0.875)),
         "interpolation": str(cfg.get("interpolation", "bicubic")),
     }

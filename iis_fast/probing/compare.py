@@ -49,7 +49,8 @@ def run_comparison(model: str = "mobilenetv2_100", *, image_size: int = 64, n_tr
         ``{"rows": [{probe, head, loss, accuracy, <method>: {gridpg, entropy, gini}}], "config", "timings",
         "shared_grids"}``; with ``png``, the figure of grid ``png_grid``, target cell ``png_cell``.
     """
-    from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist, stratified_subset
+    from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST, load_fashion_mnist
+    from ..data.sampling import stratified_subset
     from ..models import create_model, preprocessing_config
 
     t_all = time.perf_counter()
