@@ -95,8 +95,10 @@ def main() -> None:
     from PIL import Image
 
     from iis_fast.data.fashion_mnist import load_fashion_mnist
-    from iis_fast.data.ffcv_io import write_fashion_mnist, write_image_folder
-    from iis_fast.data.ffcv_loader import ffcv_loader, torch_loader, usable_cores
+    from iis_fast.data.ffcv_loader import ffcv_loader
+    from iis_fast.data.ffcv_writer import write_fashion_mnist, write_image_folder
+    from iis_fast.data.torch_loader import torch_loader
+    from iis_fast.validation import usable_cores
 
     cores = usable_cores()
     workers = min(args.workers, cores)

@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     from iis_fast.config import IISConfig
     from iis_fast.data.fashion_mnist import fashion_mnist_loaders
-    from iis_fast.data.ffcv_io import write_fashion_mnist
+    from iis_fast.data.ffcv_writer import write_fashion_mnist
     from iis_fast.data.loaders import resolve_loader
     from iis_fast.features import representation_fn
     from iis_fast.models import create_model, preprocessing_config

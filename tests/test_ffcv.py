@@ -20,15 +20,16 @@ pytest.importorskip("ffcv")
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 from iis_fast.data.fashion_mnist import load_fashion_mnist  # noqa: E402
-from iis_fast.data.ffcv_io import (  # noqa: E402
-    validate_beton,
+from iis_fast.data.beton import validate_beton  # noqa: E402
+from iis_fast.data.ffcv_writer import (  # noqa: E402
     write_arrays,
     write_dataset,
     write_fashion_mnist,
     write_image_folder,
 )
-from iis_fast.data.ffcv_loader import FFCVImageLoader, ffcv_loader, normalize_lut, torch_loader  # noqa: E402
+from iis_fast.data.ffcv_loader import FFCVImageLoader, ffcv_loader, normalize_lut  # noqa: E402
 from iis_fast.data.loaders import resolve_loader  # noqa: E402
+from iis_fast.data.torch_loader import torch_loader  # noqa: E402
 from iis_fast.errors import DataFileError, IISInputError  # noqa: E402
 
 N = 200          # Fashion-MNIST test images used

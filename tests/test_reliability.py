@@ -262,7 +262,7 @@ def test_score_recomputes_a_corrupted_feature_cache(fm_images, pretrained_mobile
 @pytest.fixture(scope="module")
 def fm_raw_beton(tmp_path_factory, fmnist_train):
     pytest.importorskip("ffcv")
-    from iis_fast.data.ffcv_io import write_arrays
+    from iis_fast.data.ffcv_writer import write_arrays
     images, labels = fmnist_train
     path = tmp_path_factory.mktemp("beton") / "fm.beton"
     info = write_arrays(images[:100], labels[:100], path, progress=False, page_size=1 << 21, num_workers=1)
@@ -275,7 +275,7 @@ def _pixel_offset(path, sample: int) -> int:
 
 
 def test_beton_data_corruption_is_caught_by_its_checksum(fm_raw_beton, tmp_path):
-    from iis_fast.data.ffcv_io import validate_beton
+    from iis_fast.data.beton import validate_beton
     from iis_fast.data.ffcv_loader import ffcv_loader
     from iis_fast.errors import DataFileError
     path, info = fm_raw_beton
@@ -305,7 +305,7 @@ def test_beton_checksum_keeps_the_file_readable_by_ffcv(fm_raw_beton, fmnist_tra
 
 def test_beton_huge_labels_are_refused_at_write_time(tmp_path, fmnist_train):
     pytest.importorskip("ffcv")
-    from iis_fast.data.ffcv_io import write_arrays
+    from iis_fast.data.ffcv_writer import write_arrays
     from iis_fast.errors import DataFileError
     images, labels = fmnist_train
     lab = labels[:20].astype(np.int64)

@@ -10,7 +10,7 @@ pytest.importorskip("ffcv")
 from iis_fast import DataFileError, score  # noqa: E402
 from iis_fast.data.fashion_mnist import FashionMNIST, load_fashion_mnist  # noqa: E402
 from iis_fast.data.sampling import stratified_subset  # noqa: E402
-from iis_fast.data.ffcv_io import write_fashion_mnist  # noqa: E402
+from iis_fast.data.ffcv_writer import write_fashion_mnist  # noqa: E402
 from iis_fast.data.ffcv_loader import ffcv_loader  # noqa: E402
 from iis_fast.models import preprocessing_config  # noqa: E402
 

@@ -1,6 +1,9 @@
 """Datasets and loaders. Fashion-MNIST is read from local idx files; nothing is ever downloaded.
 
-The FFCV parts (writers, validator, loader; ``import ffcv`` takes ~10 s) load on first use.
+Modules: ``fashion_mnist`` (the dataset), ``sampling`` (stratified index rules), ``beton`` (the FFCV file format
+and its validator), ``ffcv_writer`` (writing ``.beton`` files), ``ffcv_loader`` (FFCV batches), ``torch_loader``
+(DataLoader batches, no FFCV/numba), ``loaders`` (whatever the user passes -> batches). The FFCV parts
+(``import ffcv`` takes ~10 s) and the loaders load on first use.
 """
 from __future__ import annotations
 
@@ -9,13 +12,13 @@ from .fashion_mnist import (
     FashionMNIST,
     fashion_mnist_loaders,
     load_fashion_mnist,
-    stratified_subset,
 )
+from .sampling import stratified_subset
 
 _LAZY = {
-    "write_image_folder": "ffcv_io", "write_dataset": "ffcv_io", "write_arrays": "ffcv_io",
-    "write_fashion_mnist": "ffcv_io", "validate_beton": "ffcv_io", "BetonInfo": "ffcv_io",
-    "ffcv_loader": "ffcv_loader", "torch_loader": "ffcv_loader", "resolve_loader": "loaders",
+    "write_image_folder": "ffcv_writer", "write_dataset": "ffcv_writer", "write_arrays": "ffcv_writer",
+    "write_fashion_mnist": "ffcv_writer", "validate_beton": "beton", "BetonInfo": "beton",
+    "ffcv_loader": "ffcv_loader", "torch_loader": "torch_loader", "resolve_loader": "loaders",
 }
 
 

@@ -1,4 +1,5 @@
-"""Eval-preprocessed ``(images, labels)`` batches from an FFCV ``.beton`` file, and the torch DataLoader equivalent.
+"""Eval-preprocessed ``(images, labels)`` batches from an FFCV ``.beton`` file (the torch DataLoader equivalent is
+:mod:`iis_fast.data.torch_loader`, which needs neither FFCV nor numba).
 
 FFCV pipeline (CPU)::
 
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -57,40 +57,12 @@ import torch
 from numba import njit, prange
 
 from ..errors import IISInputError
-from .ffcv_io import BetonInfo, _ffcv, validate_beton
+from ..validation import rgb_triple, square_side, usable_cores
+from .beton import BetonInfo, ffcv_module, validate_beton
 
-__all__ = ["FFCVImageLoader", "ffcv_loader", "torch_loader", "eval_transform", "usable_cores", "normalize_lut",
-           "normalize_batch"]
+__all__ = ["FFCVImageLoader", "ffcv_loader", "normalize_lut", "normalize_batch"]
 
 _FINGERPRINT_VERSION = 1
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (affinity-aware)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def _square_size(image_size: int | Sequence[int]) -> int:
-    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
-        s = (int(image_size), int(image_size))
-    else:
-        s = tuple(int(v) for v in image_size)  # type: ignore[union-attr]
-    if len(s) != 2 or s[0] != s[1] or s[0] < 1:
-        raise IISInputError(f"image_size must be a positive int or a square (S, S), got {image_size!r} "
-                            "(FFCV's centre crop is square)")
-    return s[0]
-
-
-def _triple(v: float | Sequence[float], what: str) -> tuple[float, float, float]:
-    t = (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
-    if len(t) == 1:
-        t = t * 3
-    if len(t) != 3 or not all(math.isfinite(x) for x in t) or (what == "std" and min(t) <= 0):
-        raise IISInputError(f"{what} must be 3 finite numbers (one per RGB channel){', positive' if what == 'std' else ''}, "
-                            f"got {v!r}")
-    return t  # type: ignore[return-value]
 
 
 def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -156,7 +128,7 @@ class FFCVImageLoader:
                  std: Sequence[float], *, batch_size: int, num_workers: int, device: str | torch.device,
                  order: str, drop_last: bool, channels_last: bool, crop_pct: float, num_classes: int | None,
                  seed: int, batches_ahead: int) -> None:
-        _ffcv()
+        ffcv_module()
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -176,8 +148,8 @@ class FFCVImageLoader:
         # Fail on a bad file before any numba compilation.
         self.info: BetonInfo = validate_beton(path, num_classes=num_classes)
         self.path = self.info.path
-        self.image_size = _square_size(image_size)
-        self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
+        self.image_size = square_side(image_size)
+        self.mean, self.std = rgb_triple(mean, "mean"), rgb_triple(std, "std")
         self.crop_pct = float(crop_pct)
         self.batch_size = int(batch_size)
         self.order, self.seed = order_key, int(seed)
@@ -304,81 +276,3 @@ def ffcv_loader(
                            num_workers=usable_cores() if num_workers is None else num_workers, device=device,
                            order=order, drop_last=drop_last, channels_last=channels_last, crop_pct=crop_pct,
                            num_classes=num_classes, seed=seed, batches_ahead=batches_ahead)
-
-
-class _EvalTransformDataset(torch.utils.data.Dataset):
-    """Wraps a map-style dataset of ``(PIL image or uint8 array, label)`` with an eval transform."""
-
-    def __init__(self, base: Any, transform: Any) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-        image, label = self.base[i][:2]
-        if not isinstance(image, Image.Image):
-            a = np.asarray(image)
-            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
-                a = a.transpose(1, 2, 0)
-            image = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
-        return self.transform(image.convert("RGB")), int(label)
-
-
-def eval_transform(image_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float = 1.0, interpolation: str = "bilinear") -> Any:
-    """torchvision eval transform as timm builds it: Resize(floor(S / crop_pct)), CenterCrop(S), ToTensor, Normalize."""
-    from torchvision import transforms as T
-    S = _square_size(image_size)
-    if not 0 < float(crop_pct) <= 1:
-        raise IISInputError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
-    modes = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-             "nearest": T.InterpolationMode.NEAREST}
-    if interpolation not in modes:
-        raise IISInputError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
-    return T.Compose([T.Resize(math.floor(S / float(crop_pct)), interpolation=modes[interpolation]),
-                      T.CenterCrop(S), T.ToTensor(), T.Normalize(_triple(mean, "mean"), _triple(std, "std"))])
-
-
-def torch_loader(
-    dataset_or_folder: Any,
-    image_size: int | Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int = 64,
-    num_workers: int = 0,
-    *,
-    crop_pct: float = 1.0,
-    interpolation: str = "bilinear",
-    shuffle: bool = False,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    """The torch DataLoader + PIL/torchvision equivalent of :func:`ffcv_loader` (for comparison and fallback).
-
-    Args:
-        dataset_or_folder: an image folder path (``folder/<class>/<image>``, torchvision ``ImageFolder``: sorted
-            classes, images converted to RGB) or a map-style dataset of ``(PIL image or uint8 array, label)``.
-        image_size, mean, std, crop_pct: as in :func:`ffcv_loader`.
-        interpolation: resize filter (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
-        batch_size, num_workers, shuffle, drop_last: DataLoader arguments (workers clamped to the core count).
-
-    Returns:
-        A ``DataLoader`` yielding ``(float32 [B, 3, S, S], int64 [B])``.
-    """
-    tf = eval_transform(image_size, mean, std, crop_pct, interpolation)
-    if isinstance(dataset_or_folder, (str, os.PathLike)):
-        from torchvision.datasets import ImageFolder
-        folder = Path(os.fspath(dataset_or_folder))
-        if not folder.is_dir():
-            from ..errors import DataFileError
-            raise DataFileError(f"image folder {str(folder)!r} does not exist or is not a directory")
-        ds: Any = ImageFolder(str(folder), transform=tf)
-    elif hasattr(dataset_or_folder, "__getitem__") and hasattr(dataset_or_folder, "__len__"):
-        ds = _EvalTransformDataset(dataset_or_folder, tf)
-    else:
-        raise IISInputError(f"dataset_or_folder must be a folder path or a map-style dataset, "
-                            f"got {type(dataset_or_folder).__name__}")
-    workers = max(0, min(int(num_workers), usable_cores()))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       drop_last=drop_last, persistent_workers=workers > 0)

@@ -36,7 +36,7 @@ def resolve_loader(
       (validated first; eval preprocessing with ``image_size``, ``crop_pct``, ``mean``, ``std``; sequential order,
       every sample once, on ``device``);
     - a path to a directory: an image folder (``folder/<class>/<image>``) ->
-      :func:`~iis_fast.data.ffcv_loader.torch_loader` with the same preprocessing;
+      :func:`~iis_fast.data.torch_loader.torch_loader` with the same preprocessing;
     - an FFCV ``Loader``, a torch ``DataLoader``, an :class:`~iis_fast.data.ffcv_loader.FFCVImageLoader` or any
       other iterable: returned as is (the caller's preprocessing is trusted; note that a raw FFCV ``Loader``
       reuses its batch buffers, so clone a batch you keep beyond the next iteration).
@@ -51,7 +51,7 @@ def resolve_loader(
     if isinstance(data, (str, os.PathLike)):
         p = Path(os.fspath(data)).expanduser()
         if p.is_dir():
-            from .ffcv_loader import torch_loader
+            from .torch_loader import torch_loader
             return torch_loader(p, image_size, mean, std, batch_size=batch_size,
                                 num_workers=0 if num_workers is None else num_workers, crop_pct=crop_pct)
         if not p.exists():

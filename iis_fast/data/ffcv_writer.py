@@ -1,33 +1,22 @@
-"""FFCV ``.beton`` files: writers (image folder, torch dataset, numpy arrays, Fashion-MNIST) and a validator.
+"""Writing FFCV ``.beton`` files (image folder, torch dataset, numpy arrays, Fashion-MNIST), atomically and checksummed.
 
-Every file written here has two fields, ``image`` (an FFCV ``RGBImageField``: 3-channel uint8, stored raw or as
-JPEG) and ``label`` (an ``IntField``), in that order.
+Hand-written because FFCV's own ``DatasetWriter.from_indexed_dataset`` hangs when a worker dies: its worker
+processes swallow exceptions and the parent then waits forever for the missing samples.
+
+Instead, threads load/convert/encode samples (PIL, OpenCV and the JPEG encoder release the GIL) and the calling
+thread lays them out with FFCV's own ``MemoryAllocator`` and header/metadata/allocation-table code, so the file
+format is FFCV's, byte for byte (see :mod:`iis_fast.data.beton`). Every file has two fields, ``image`` (an FFCV
+``RGBImageField``: 3-channel uint8, stored raw or as JPEG) and ``label`` (an ``IntField``), in that order, and
+carries its SHA-256 (see :mod:`iis_fast.data.beton`).
 
 Writing is atomic: samples go to ``<path>.tmp-XXXXXX`` in the same directory, which is renamed onto ``path``
 (``os.replace``) only after the header and the allocation table are complete. A write that raises removes its
 temporary file; a write that is killed (SIGKILL, power loss) leaves at most a ``*.tmp-*`` file, never a file at
 ``path``.
-
-We do not use ``ffcv.writer.DatasetWriter.from_indexed_dataset``: its worker processes swallow exceptions and the
-parent then waits forever for the missing samples. Instead, threads load/convert/encode samples (PIL, OpenCV and
-the JPEG encoder release the GIL) and the calling thread lays them out with FFCV's own ``MemoryAllocator`` and
-header/metadata/allocation-table code, so the file format is FFCV's, byte for byte.
-
-:func:`validate_beton` checks a file before any decoding or numba compilation: existence, header, field
-descriptors, metadata and allocation table against the file size (truncation), every image's storage record,
-and the label field (present, non-negative, below ``num_classes``). It raises :class:`DataFileError` naming the
-file and the problem.
-
-Checksum: every file written here carries the SHA-256 of its bytes in the label field's descriptor (the 1,024
-argument bytes FFCV reserves for a field and ignores for an ``IntField``), so it travels with the file and FFCV
-still reads it unchanged. :func:`validate_beton` verifies it once per process per file (again when the file's
-inode, size or timestamps change), which catches corruption inside the data region that no structural check can
-see. Files written by other tools carry no checksum and are checked structurally only.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -37,311 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, DataFileError, IISInputError
+from ..errors import DataFileError, IISInputError
+from ..validation import label_bound, usable_cores
+from .beton import (CHECKSUM_MAGIC, IMAGE_FIELD, LABEL_FIELD, MIN_PAGE, MODES, VERIFIED, BetonInfo,
+                    checksum_offset, ffcv_module, file_checksum, validate_beton)
 
-__all__ = [
-    "BetonInfo",
-    "IMAGE_FIELD",
-    "LABEL_FIELD",
-    "IMAGE_EXTENSIONS",
-    "validate_beton",
-    "write_arrays",
-    "write_dataset",
-    "write_fashion_mnist",
-    "write_image_folder",
-]
+__all__ = ["IMAGE_EXTENSIONS", "write_arrays", "write_dataset", "write_fashion_mnist", "write_image_folder"]
 
-IMAGE_FIELD = "image"
-LABEL_FIELD = "label"
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_MODES = {"raw": 1, "jpg": 0}
-_MIN_PAGE = 1 << 21
-_MAX_FIELDS = 64
-#: Marks a checksum in a label field descriptor's argument bytes; the 32-byte SHA-256 digest follows it.
-_CHECKSUM_MAGIC = b"iis_fast-sha256\0"
-_CHECKSUM_LEN = len(_CHECKSUM_MAGIC) + 32
-#: resolved path -> (inode, size, mtime, ctime) of files whose checksum this process verified or wrote.
-_VERIFIED: dict[str, tuple[int, int, int, int]] = {}
-
-
-def _ffcv() -> Any:
-    try:
-        import ffcv  # noqa: F401
-        import ffcv.types
-        import ffcv.writer
-        return ffcv
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise BackendUnavailable(
-            f"FFCV is not importable ({e}); install it with `apt-get install libturbojpeg0-dev libopencv-dev` "
-            "then `pip install ffcv` (it also needs Pillow, opencv-python and numba)"
-        ) from e
-
-
-# --------------------------------------------------------------------------------------------------- validation
-
-
-@dataclasses.dataclass(frozen=True)
-class BetonInfo:
-    """What :func:`validate_beton` learnt about a file.
-
-    Attributes:
-        path: the file (absolute).
-        num_samples: number of samples.
-        image_field, label_field: names of the image and label fields.
-        num_classes: ``max(label) + 1`` (or the ``num_classes`` the caller passed, if larger).
-        max_height, max_width: the largest stored image sides.
-        n_jpeg, n_raw: how many images are stored as JPEG / raw pixels.
-        size, mtime_ns: the file's size and modification time when validated.
-        classes: class names, when known (folder writers; not stored in the file).
-        checksum: the SHA-256 (hex) the file carries, None for files written by other tools.
-    """
-
-    path: str
-    num_samples: int
-    image_field: str
-    label_field: str
-    num_classes: int
-    max_height: int
-    max_width: int
-    n_jpeg: int
-    n_raw: int
-    size: int
-    mtime_ns: int
-    classes: tuple[str, ...] | None = None
-    checksum: str | None = None
-
-
-def _fail(path: Any, problem: str) -> DataFileError:
-    return DataFileError(f"FFCV file {os.fspath(path)!r}: {problem}")
-
-
-def validate_beton(
-    path: str | os.PathLike[str],
-    *,
-    num_classes: int | None = None,
-    image_field: str | None = None,
-    label_field: str | None = None,
-    check_jpeg: bool = True,
-    verify_checksum: str = "once",
-) -> BetonInfo:
-    """Check an FFCV ``.beton`` file for use as ``(image, label)`` data, without decoding any image.
-
-    Cost: reads the header, the per-sample metadata and the allocation table (a few bytes per sample), plus two
-    bytes per JPEG sample when ``check_jpeg``; no numba compilation. For a file carrying a checksum (written by
-    iis_fast), the first validation in a process also hashes the whole file (about 1.4 GB/s).
-
-    Args:
-        path: the file.
-        num_classes: if given, every label must be in ``0..num_classes-1``; labels must be ``>= 0`` regardless.
-        image_field: name of the image field (default: the only ``RGBImageField``).
-        label_field: name of the label field (default: ``"label"``, else the only ``IntField``).
-        check_jpeg: check that each JPEG-stored image starts with the JPEG SOI marker (catches overwritten data).
-        verify_checksum: ``"once"`` (default: once per process per file, again if the file changes on disk),
-            ``"always"`` or ``"never"``: when to compare the file's bytes with the checksum it carries.
-
-    Returns:
-        A :class:`BetonInfo`.
-
-    Raises:
-        DataFileError: missing file, not a file, truncated or corrupt header/metadata/allocation table, a storage
-            record that points outside the data, no image or label field, labels out of range, no samples, bytes
-            that do not match the file's checksum.
-    """
-    if verify_checksum not in ("once", "always", "never"):
-        raise IISInputError(f"verify_checksum={verify_checksum!r}: choose 'once', 'always' or 'never'")
-    ffcv = _ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType
-
-    p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
-        raise _fail(p, "no such file")
-    if not p.is_file():
-        raise _fail(p, "is not a regular file")
-    st = p.stat()
-    size = st.st_size
-    if size < HeaderType.itemsize:
-        raise _fail(p, f"truncated: {size} bytes, smaller than the {HeaderType.itemsize}-byte FFCV header")
-    with open(p, "rb") as f:
-        head = f.read(HeaderType.itemsize + _MAX_FIELDS * FieldDescType.itemsize)
-    header = np.frombuffer(head[:HeaderType.itemsize], dtype=HeaderType)[0]
-    version, n_fields = int(header["version"]), int(header["num_fields"])
-    page_size, n, table_ptr = int(header["page_size"]), int(header["num_samples"]), int(header["alloc_table_ptr"])
-    if version != CURRENT_VERSION:
-        raise _fail(p, f"not an FFCV .beton file of format version {CURRENT_VERSION} (header says version {version}); "
-                       "corrupt, or not a .beton file")
-    if not 1 <= n_fields <= _MAX_FIELDS:
-        raise _fail(p, f"corrupt header: {n_fields} fields")
-    if page_size < _MIN_PAGE or page_size & (page_size - 1):
-        raise _fail(p, f"corrupt header: page size {page_size} is not a power of two >= {_MIN_PAGE}")
-    if table_ptr == 0:
-        raise _fail(p, "incomplete: the header has no allocation table (the write did not finish)")
-    fields_end = HeaderType.itemsize + n_fields * FieldDescType.itemsize
-    if size < fields_end:
-        raise _fail(p, f"truncated: {size} bytes, the header and {n_fields} field descriptors need {fields_end}")
-    desc = np.frombuffer(head[HeaderType.itemsize:fields_end], dtype=FieldDescType)
-    handlers: dict[str, Any] = {}
-    for d in desc:
-        tid = int(d["type_id"])
-        try:
-            name = d["name"].tobytes().decode("ascii").split("\x00")[0]
-        except UnicodeDecodeError:
-            raise _fail(p, "corrupt field descriptor (field name is not ASCII)") from None
-        if tid not in TYPE_ID_HANDLER:
-            raise _fail(p, f"corrupt field descriptor: field {name!r} has unknown type id {tid}")
-        if TYPE_ID_HANDLER[tid] is None:
-            raise _fail(p, f"field {name!r} is a custom FFCV field; only standard fields are supported")
-        if not name or name in handlers:
-            raise _fail(p, f"corrupt field descriptors: empty or repeated field name {name!r}")
-        handlers[name] = TYPE_ID_HANDLER[tid].from_binary(d["arguments"])
-    names = list(handlers)
-    meta_type = np.dtype([(k, h.metadata_type) for k, h in handlers.items()], align=True)
-    meta_end = fields_end + n * meta_type.itemsize
-    if n == 0:
-        raise _fail(p, "holds no samples")
-    if table_ptr < meta_end or table_ptr > size:
-        what = "truncated" if table_ptr > size else "corrupt header"
-        raise _fail(p, f"{what}: the allocation table should start at byte {table_ptr}, but the metadata of "
-                       f"{n} samples ends at {meta_end} and the file has {size} bytes")
-    if (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        raise _fail(p, f"truncated or corrupt: the allocation table ({size - table_ptr} bytes from byte {table_ptr} "
-                       f"to the end) is not a whole number of {ALLOC_TABLE_TYPE.itemsize}-byte entries")
-
-    # -- fields
-    img_names = [k for k, h in handlers.items() if isinstance(h, RGBImageField)]
-    if image_field is None:
-        if len(img_names) != 1:
-            raise _fail(p, f"needs exactly one RGB image field, found {img_names or 'none'} among fields {names}; "
-                           "pass image_field=")
-        image_field = img_names[0]
-    elif image_field not in img_names:
-        raise _fail(p, f"has no RGB image field {image_field!r} (fields: {names})")
-    int_names = [k for k, h in handlers.items() if isinstance(h, IntField)]
-    if label_field is None:
-        label_field = LABEL_FIELD if LABEL_FIELD in int_names else (int_names[0] if len(int_names) == 1 else None)
-        if label_field is None:
-            raise _fail(p, f"has no integer label field (fields: {names}); write one named 'label' "
-                           "(ffcv.fields.IntField) or pass label_field=")
-    elif label_field not in int_names:
-        raise _fail(p, f"has no integer label field {label_field!r} (fields: {names})")
-
-    # -- metadata and allocation table
-    meta = np.fromfile(p, dtype=meta_type, count=n, offset=fields_end)
-    table = np.fromfile(p, dtype=ALLOC_TABLE_TYPE, offset=table_ptr)
-    data_start = meta_end
-    if table.size:
-        bad = (table["ptr"] < data_start) | (table["ptr"] + table["size"] > table_ptr) | (table["sample_id"] >= n)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise _fail(p, f"corrupt allocation table: entry {i} (sample {int(table['sample_id'][i])}, "
-                           f"bytes {int(table['ptr'][i])}..{int(table['ptr'][i] + table['size'][i])}) lies outside "
-                           f"the data region {data_start}..{table_ptr}")
-    img = meta[image_field]
-    modes, h, w, ptr = img["mode"], img["height"].astype(np.int64), img["width"].astype(np.int64), img["data_ptr"]
-    bad = ~np.isin(modes, list(_MODES.values())) | (h == 0) | (w == 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise _fail(p, f"corrupt metadata: sample {i} has storage mode {int(modes[i])} and size "
-                       f"{int(h[i])}x{int(w[i])}")
-    order = np.argsort(table["ptr"], kind="stable")
-    sorted_ptr = table["ptr"][order]
-    pos = np.searchsorted(sorted_ptr, ptr)
-    found = pos < sorted_ptr.size
-    found[found] = sorted_ptr[pos[found]] == ptr[found]
-    if not found.all():
-        i = int(np.flatnonzero(~found)[0])
-        raise _fail(p, f"corrupt or truncated: the image of sample {i} points at byte {int(ptr[i])}, which is not "
-                       f"an allocated record ({table.size} records in the allocation table)")
-    stored = table["size"][order][pos].astype(np.int64)
-    raw = modes == _MODES["raw"]
-    bad = raw & (stored != h * w * 3)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise _fail(p, f"corrupt data: raw image of sample {i} is {int(h[i])}x{int(w[i])}x3 but its record holds "
-                       f"{int(stored[i])} bytes")
-    jpg = ~raw
-    if check_jpeg and jpg.any():
-        mm = np.memmap(p, dtype=np.uint8, mode="r", shape=(table_ptr,))
-        jp = ptr[jpg].astype(np.int64)
-        ok = (stored[jpg] > 4) & (mm[jp] == 0xFF) & (mm[jp + 1] == 0xD8)
-        del mm
-        if not ok.all():
-            i = int(np.flatnonzero(jpg)[np.flatnonzero(~ok)[0]])
-            raise _fail(p, f"corrupt data: JPEG image of sample {i} (byte {int(ptr[i])}) does not start with a "
-                           "JPEG marker")
-
-    label_index = names.index(label_field)
-    args_at = HeaderType.itemsize + label_index * FieldDescType.itemsize + FieldDescType.fields["arguments"][1]
-    stored_sum = _stored_checksum(head, args_at) if isinstance(handlers[label_field], IntField) else None
-
-    labels = meta[label_field]
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0:
-        i = int(np.argmin(labels))
-        raise _fail(p, f"label field {label_field!r} holds a negative label {lo} (sample {i}); labels must be "
-                       "class indices 0..K-1")
-    if num_classes is not None and hi >= num_classes:
-        i = int(np.argmax(labels))
-        raise _fail(p, f"label field {label_field!r} holds label {hi} (sample {i}), out of range for "
-                       f"num_classes={num_classes} (labels must be 0..{num_classes - 1})")
-    from ..validation import MAX_CLASSES
-    if hi >= MAX_CLASSES:
-        i = int(np.argmax(labels))
-        raise _fail(p, f"label field {label_field!r} holds label {hi} (sample {i}), above the largest supported "
-                       f"class index {MAX_CLASSES - 1}")
-    if stored_sum is not None and verify_checksum != "never":
-        sig = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        key = str(p.resolve())
-        if verify_checksum == "always" or _VERIFIED.get(key) != sig:
-            if _file_checksum(p, args_at) != stored_sum:
-                _VERIFIED.pop(key, None)
-                raise _fail(p, "corrupt data: the file's bytes do not match the SHA-256 stored in it when it was "
-                               "written (changed or damaged on disk since); write the file again")
-            _VERIFIED[key] = sig
-    return BetonInfo(
-        path=str(p.resolve()), num_samples=n, image_field=image_field, label_field=label_field,
-        num_classes=max(hi + 1, num_classes or 0), max_height=int(h.max()), max_width=int(w.max()),
-        n_jpeg=int(jpg.sum()), n_raw=int(raw.sum()), size=size, mtime_ns=st.st_mtime_ns, checksum=stored_sum,
-    )
-
-
-def _stored_checksum(head: bytes, args_at: int) -> str | None:
-    """The hex digest stored at ``args_at`` (a label field's argument bytes), or None when none is stored."""
-    region = head[args_at:args_at + _CHECKSUM_LEN]
-    if not region.startswith(_CHECKSUM_MAGIC):
-        return None
-    return region[len(_CHECKSUM_MAGIC):].hex()
-
-
-def _file_checksum(path: Path, args_at: int) -> str:
-    """SHA-256 of the file with its 32 digest bytes read as zeros (how the digest was computed when written)."""
-    h = hashlib.sha256()
-    digest_at = args_at + len(_CHECKSUM_MAGIC)
-    with open(path, "rb") as f:
-        first = bytearray(f.read(max(1 << 20, digest_at + 32)))
-        first[digest_at:digest_at + 32] = bytes(32)
-        h.update(first)
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_checksum(path: Path, label_index: int) -> None:
-    """Store the file's SHA-256 (magic + digest) in its label field's argument bytes, which are zero until now."""
-    from ffcv.types import FieldDescType, HeaderType
-    args_at = HeaderType.itemsize + label_index * FieldDescType.itemsize + FieldDescType.fields["arguments"][1]
-    with open(path, "r+b") as f:
-        f.seek(args_at)
-        f.write(_CHECKSUM_MAGIC)
-        f.flush()
-        digest = bytes.fromhex(_file_checksum(path, args_at))
-        f.seek(args_at + len(_CHECKSUM_MAGIC))
-        f.write(digest)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ------------------------------------------------------------------------------------------------------ writing
 
 
 def _channels_of(image: Any) -> int:
@@ -383,30 +75,20 @@ def _to_rgb_u8(image: Any, where: str) -> np.ndarray:
 def _check_label(label: Any, where: str, num_classes: int | None, out: Any) -> int:
     """An int label in range, else DataFileError naming the output file and the sample."""
     ok = isinstance(label, (int, np.integer)) and not isinstance(label, bool)
-    if not ok and isinstance(label, (np.ndarray, torch_tensor_type())) and getattr(label, "ndim", 1) == 0:
+    if not ok and getattr(label, "ndim", 1) == 0 and hasattr(label, "dtype"):   # a 0-d numpy array or tensor
         ok = np.issubdtype(np.asarray(label).dtype, np.integer)
     if not ok:
         raise DataFileError(f"cannot write {os.fspath(out)!r}: {where} has label {label!r}, not an integer class index")
-    from ..validation import MAX_CLASSES
     lab = int(label)
-    if lab < 0 or lab >= MAX_CLASSES or (num_classes is not None and lab >= num_classes):
-        rng = f"0..{min(num_classes, MAX_CLASSES) - 1}" if num_classes is not None else f"0..{MAX_CLASSES - 1}"
+    if lab < 0 or lab >= label_bound(num_classes):
         raise DataFileError(f"cannot write {os.fspath(out)!r}: {where} has label {lab}, out of range (labels must "
-                            f"be {rng})")
+                            f"be 0..{label_bound(num_classes) - 1})")
     return lab
-
-
-def torch_tensor_type() -> type:
-    try:
-        import torch
-        return torch.Tensor
-    except ImportError:  # pragma: no cover
-        return np.ndarray
 
 
 def _check_mode(write_mode: str, jpeg_quality: int, max_resolution: int | None) -> str:
     mode = {"jpeg": "jpg"}.get(write_mode, write_mode)
-    if mode not in _MODES:
+    if mode not in MODES:
         raise IISInputError(f"write_mode must be 'raw' or 'jpeg', got {write_mode!r}")
     if not 1 <= int(jpeg_quality) <= 100:
         raise IISInputError(f"jpeg_quality must be in 1..100, got {jpeg_quality!r}")
@@ -416,7 +98,8 @@ def _check_mode(write_mode: str, jpeg_quality: int, max_resolution: int | None) 
 
 
 def _default_workers(num_workers: int | None) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Writer threads: ``num_workers`` (default: up to 8), never above the usable cores."""
+    cores = usable_cores()
     if num_workers is None:
         return max(1, min(cores, 8))
     if isinstance(num_workers, bool) or int(num_workers) < 1:
@@ -442,7 +125,7 @@ def _write(
     classes: tuple[str, ...] | None = None,
 ) -> BetonInfo:
     """Write ``n`` samples ``load(i) -> (image, label)`` atomically to ``path``; return its validated info."""
-    _ffcv()
+    ffcv_module()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.rgb_image import encode_jpeg, resizer
     from ffcv.memory_allocator import MemoryAllocator
@@ -453,8 +136,8 @@ def _write(
         raise IISInputError(f"mixed_channels must be 'error' or 'convert', got {mixed_channels!r}")
     if n < 1:
         raise IISInputError(f"nothing to write to {os.fspath(path)!r}: the data holds no samples")
-    if page_size < _MIN_PAGE or page_size & (page_size - 1):
-        raise IISInputError(f"page_size must be a power of two >= {_MIN_PAGE}, got {page_size}")
+    if page_size < MIN_PAGE or page_size & (page_size - 1):
+        raise IISInputError(f"page_size must be a power of two >= {MIN_PAGE}, got {page_size}")
     final = Path(os.fspath(path)).expanduser().resolve()
     if final.is_dir():
         raise IISInputError(f"output path {str(final)!r} is a directory")
@@ -481,7 +164,7 @@ def _write(
             data = encode_jpeg(np.ascontiguousarray(a), int(jpeg_quality))
         else:
             data = np.ascontiguousarray(a).reshape(-1)
-        return _MODES[mode], a.shape[0], a.shape[1], data, lab
+        return MODES[mode], a.shape[0], a.shape[1], data, lab
 
     fd, tmp_name = tempfile.mkstemp(prefix=final.name + ".tmp-", dir=final.parent)
     os.close(fd)
@@ -521,9 +204,23 @@ def _write(
         tmp.unlink(missing_ok=True)
         raise
     st = final.stat()
-    _VERIFIED[str(final)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)   # hashed just now
+    VERIFIED[str(final)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)   # hashed just now
     info = validate_beton(final, num_classes=num_classes)
     return dataclasses.replace(info, classes=classes)
+
+
+def _write_checksum(path: Path, label_index: int) -> None:
+    """Store the file's SHA-256 (magic + digest) in its label field's argument bytes, which are zero until now."""
+    args_at = checksum_offset(label_index)
+    with open(path, "r+b") as f:
+        f.seek(args_at)
+        f.write(CHECKSUM_MAGIC)
+        f.flush()
+        digest = bytes.fromhex(file_checksum(path, args_at))
+        f.seek(args_at + len(CHECKSUM_MAGIC))
+        f.write(digest)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _prepare(tmp: Path, fields: dict[str, Any], n: int, page_size: int) -> tuple[np.ndarray, int, np.ndarray]:
@@ -647,8 +344,7 @@ def write_arrays(
     if len(seq) != lab.shape[0]:
         raise IISInputError(f"cannot write {os.fspath(path)!r}: images ({len(seq)}) and labels ({lab.shape[0]}) "
                             "differ in length")
-    from ..validation import MAX_CLASSES
-    top = MAX_CLASSES if num_classes is None else min(num_classes, MAX_CLASSES)
+    top = label_bound(num_classes)
     if lab.size and (lab.min() < 0 or lab.max() >= top):
         i = int(np.argmin(lab)) if lab.min() < 0 else int(np.argmax(lab))
         _check_label(lab[i], f"array image {i}", num_classes, path)
@@ -686,7 +382,7 @@ def write_dataset(
     if targets is not None and len(targets) == len(dataset):
         t = np.asarray(targets)[idx]
         if t.size and np.issubdtype(t.dtype, np.integer) and (
-                t.min() < 0 or (num_classes is not None and t.max() >= num_classes)):
+                t.min() < 0 or t.max() >= label_bound(num_classes)):
             i = int(np.argmin(t)) if t.min() < 0 else int(np.argmax(t))
             _check_label(t[i], f"dataset item {int(idx[i])}", num_classes, path)
 
