@@ -718,7 +718,8 @@ def step_extraction(ctx: Context) -> dict:
     from iis_fast.models import create_model, preprocessing_config
 
     s, dev = ctx.sizes, ctx.device
-    from iis_fast.data.ffcv_loader import torch_loader, usable_cores
+    from iis_fast.data.torch_loader import torch_loader
+    from iis_fast.validation import usable_cores
     cores = usable_cores()
     workers = max(1, min(cores, 16))
     out: dict[str, Any] = {"model": s.model, "weights": "random (speed does not depend on them)",
@@ -735,7 +736,7 @@ def step_extraction(ctx: Context) -> dict:
         use_ffcv = want == "ffcv" or (want == "auto" and importlib.util.find_spec("ffcv") is not None)
         if use_ffcv:
             try:
-                from iis_fast.data.ffcv_io import write_image_folder
+                from iis_fast.data.ffcv_writer import write_image_folder
                 from iis_fast.data.ffcv_loader import ffcv_loader
                 t = time.perf_counter()
                 beton = Path(tmp) / "images.beton"

@@ -49,8 +49,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
