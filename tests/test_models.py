@@ -267,3 +267,36 @@ def test_pretrained_checkpoint_round_trip(tmp_path) -> None:
     again = create_model("efficientnet_lite0", pretrained=True, num_classes=10, checkpoint=p)
     _assert_loaded(again, model.state_dict())
     assert preprocessing_config(again)["mean"] == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_100", "efficientnet_lite0"])
+def test_timm_resolved_preprocessing_keeps_demo_features_bit_identical(name):
+    """preprocessing_config (timm's resolve_model_data_config) and eval_transform (timm's create_transform) give
+    the demo models' registered config and the same feature bits as torchvision's transforms composed by hand."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from iis_fast.data.fashion_mnist import load_fashion_mnist
+    from iis_fast.data.torch_loader import eval_transform
+    from iis_fast.models import pretrained_source
+
+    model = create_model(name, pretrained=True)
+    pre = preprocessing_config(model)
+    cfg = pretrained_source(name).cfg
+    assert pre == {"input_size": (3, 224, 224), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                   "crop_pct": 0.875, "interpolation": cfg["interpolation"]}
+    S, crop = pre["input_size"][-1], pre["crop_pct"]
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[pre["interpolation"]]
+    by_hand = T.Compose([T.Resize(math.floor(S / crop), interpolation=mode), T.CenterCrop(S), T.ToTensor(),
+                         T.Normalize(pre["mean"], pre["std"])])
+    ours = eval_transform(S, pre["mean"], pre["std"], crop, pre["interpolation"])
+    images = [Image.fromarray(a).convert("RGB").resize((64, 48)) for a in load_fashion_mnist("test")[0][:3]]
+    x_ref = torch.stack([by_hand(im) for im in images])
+    x = torch.stack([ours(im) for im in images])
+    with torch.no_grad():
+        f_ref = model.forward_head(model.forward_features(x_ref), pre_logits=True)
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.equal(x, x_ref) and torch.equal(f, f_ref) and np.isfinite(f.numpy()).all()

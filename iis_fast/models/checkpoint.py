@@ -14,8 +14,10 @@ model's keys and takes the one that matches it exactly (the classifier aside: II
 representation, see :func:`classifier_prefixes`). One exact match is used; what was stripped (a key prefix, or
 a container other than ``state_dict``/``model``/``model_state_dict``, e.g. an EMA copy) is said in one line (a
 :class:`CheckpointAdapted` warning); several are refused with the candidates listed, to be chosen with
-``checkpoint_key=``; none is refused with the closest candidate's missing/unexpected keys. timm's
-``clean_state_dict`` only strips ``module.``, which is why this search is written here.
+``checkpoint_key=``; none is refused with the closest candidate's missing/unexpected keys. This search is
+written here because timm's ``clean_state_dict`` strips only the DDP/``torch.compile`` prefixes, blind to the target
+model (no Lightning ``model.``/``net.``, no nested containers); :func:`read_state_dict`, which has no target
+model, uses it.
 
 Files are always read with ``torch.load(..., weights_only=True)``: no pickled code is ever executed.
 """
@@ -53,8 +55,6 @@ NESTED_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "modu
                                 "state_dict_ema", "model_ema", "ema", "ema_state_dict", "ema_model")
 #: Containers that hold the model's own weights by convention: reading them needs no note.
 PLAIN_CONTAINERS: tuple[str, ...] = ("", "state_dict", "model", "model_state_dict")
-#: Prefixes wrappers add to every key (stripped when all keys of a state dict share them).
-WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 #: How many offending keys an error message lists before summarising the rest.
 MAX_KEYS_SHOWN = 8
 #: How deep nested containers and key prefixes are searched.
@@ -272,7 +272,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` state dict on the CPU, without a target model.
 
     The state dict is the file's top level or the one nested under ``state_dict``, ``model_state_dict`` or
-    ``model``; ``module.`` and ``_orig_mod.`` prefixes shared by every key are stripped. To load into a model,
+    ``model``; ``module.`` and ``_orig_mod.`` wrapper prefixes are stripped (timm's ``clean_state_dict``). To load into a model,
     prefer :func:`load_checkpoint`, which matches any wrapping against the model's keys.
 
     Raises:
@@ -296,15 +296,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {where} is not a state dict: entries that are not tensors: {_show(bad)}")
     if not obj:
         raise CheckpointError(f"checkpoint {where} holds an empty state dict")
-    sd = dict(obj)
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
+    from timm.models import clean_state_dict
+    return clean_state_dict(dict(obj))
 
 
 def load_state_dict_checked(

@@ -269,18 +269,21 @@ def create_model(
 def preprocessing_config(model: nn.Module) -> dict[str, Any]:
     """Eval preprocessing for ``model``: ``input_size`` (C, H, W), ``mean``, ``std``, ``crop_pct``, ``interpolation``.
 
-    Read from the model's ``pretrained_cfg`` (timm models, and any module whose attribute was set by
-    :func:`create_model` or the torchvision loaders here); missing entries fall back to timm's ImageNet defaults
-    (224, ImageNet mean/std, crop_pct 0.875, bicubic).
+    timm's ``resolve_model_data_config`` reads the model's ``pretrained_cfg`` (timm models, and any module whose
+    attribute was set by :func:`create_model` or the torchvision loaders here; else its ``default_cfg``) and fills
+    what is missing with timm's ImageNet defaults (224, ImageNet mean/std, crop_pct 0.875, bicubic). Here the
+    values are only typed and checked, so a malformed config is a named :class:`IISInputError`.
     """
+    from timm.data import resolve_model_data_config
     cfg = dict(getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {})
-    input_size = tuple(int(x) for x in cfg.get("input_size", (3, 224, 224)))
+    data = resolve_model_data_config(model, pretrained_cfg=cfg)
+    input_size = tuple(int(x) for x in data["input_size"])
     if len(input_size) != 3:
         raise IISInputError(f"model's pretrained_cfg input_size must be (C, H, W), got {input_size!r}")
     return {
         "input_size": input_size,
-        "mean": rgb_triple(cfg.get("mean", IMAGENET_MEAN), "mean"),
-        "std": rgb_triple(cfg.get("std", IMAGENET_STD), "std"),
-        "crop_pct": float(cfg.get("crop_pct", 0.875)),
-        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "mean": rgb_triple(data["mean"], "mean"),
+        "std": rgb_triple(data["std"], "std"),
+        "crop_pct": float(data["crop_pct"]),
+        "interpolation": str(data["interpolation"]),
     }
