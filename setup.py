@@ -13,6 +13,7 @@ keep torch's rounding). Set IIS_FAST_NO_EXT=1 to skip the extension (the package
 The Triton kernels live in the repository's top-level ``kernels/`` folder and install as ``iis_fast.kernels``,
 so nothing but ``iis_fast`` is installed at the top level.
 """
+import glob
 import os
 import platform
 import sys
@@ -23,6 +24,7 @@ packages = find_packages(include=["iis_fast", "iis_fast.*"]) + ["iis_fast.kernel
 package_dir = {"iis_fast.kernels": "kernels"}
 
 #: (module suffix, compiler flags) per CPU level; the C++ sources pick their kernels from the predefined macros.
+#: One translation unit, csrc/bindings.cpp, includes the kernel headers (csrc/*.h, docs/kernels_cpu.md).
 X86_LEVELS = [("avx2", ["-march=x86-64-v3"]), ("base", ["-march=x86-64", "-mtune=generic"])]
 
 ext_modules = []
@@ -51,8 +53,8 @@ if os.environ.get("IIS_FAST_NO_EXT", "") not in ("1", "true", "yes"):
         ext_modules.append(
             Pybind11Extension(
                 f"iis_fast._C_{suffix}",
-                ["csrc/grid.cpp"],
-                depends=["csrc/gemm.h", "csrc/narrow.h"],
+                ["csrc/bindings.cpp"],
+                depends=sorted(glob.glob("csrc/*.h")),
                 define_macros=[("IIS_FAST_MODULE", f"_C_{suffix}")],
                 extra_compile_args=flags,
                 cxx_std=17,

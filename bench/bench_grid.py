@@ -89,19 +89,6 @@ def matmul_gflops(threads: int, device: str = "cpu") -> dict[str, float]:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
         out[name] = 2.0 * 1024 * D * 3000 / best / 1e9
-    if device == "cpu":
-        try:
-            from iis_fast.backends.cpp import _C
-            an, bn = a.numpy(), b.numpy()
-            _C.matmul(an, bn)
-            best = float("inf")
-            for _ in range(10):
-                t = time.perf_counter()
-                _C.matmul(an, bn)
-                best = min(best, time.perf_counter() - t)
-            out["iis_fast._C.matmul"] = 2.0 * 1024 * D * 3000 / best / 1e9
-        except ImportError:
-            pass
     return out
 
 

@@ -1,16 +1,13 @@
-// Narrow concept heads (K <= 16 classes, AVX2): one head's whole batch step, and its evaluation, without GEMM
-// packing or CSR building. With K this small the general path (csrc/grid.cpp: GEMMs with a 16-wide micro-kernel,
-// a CSR of the kept entries, scalar sparse loops) spends its time on bookkeeping, not arithmetic. Here:
+// Narrow concept heads (K <= 16 classes, AVX2 build): one head's whole batch step, and its evaluation, without
+// GEMM packing or CSR building. With K this small the wide kernels (wide.h: GEMMs with a 16-wide micro-kernel,
+// a CSR of the kept entries, scalar sparse loops) spend their time on bookkeeping, not arithmetic. Here, after
+// the per-row affine and threshold of select.h:
 //
-//  * selection: the exact r-th smallest |z| of a row from counting passes with 6 cuts each (vector compares
-//    accumulated as integers), the first cuts placed around the previous row's answer; the few candidates left
-//    in the final bracket are gathered with a movemask and selected exactly. Ties therefore follow docs/spec.md §1.3:
-//    every entry equal to the r-th smallest is dropped (mask = |z| > value).
 //  * dense heads (many entries kept): masked z of a block of rows in [n, Mp] scratch; logits vectorised over the
 //    concept axis against W transposed ([K, Mp]); dW, dz, dgamma, dbeta vectorised over the concept axis with
 //    the row loop innermost, so every accumulator stays in a register for the whole block.
-//  * sparse heads (few kept): per row, the kept indices from a movemask, logits as a sum of kept rows of W
-//    (padded to 16 lanes), and the backward on the kept entries only.
+//  * sparse heads (few kept): per row, the kept indices (select.h), logits as a sum of kept rows of W (padded
+//    to 16 lanes), and the backward on the kept entries only.
 //
 // Everything is templated on K (1..16) so that every loop over classes unrolls into registers.
 #pragma once
@@ -21,7 +18,9 @@
 #include <cstring>
 #include <vector>
 
-#include "gemm.h"
+#include "head.h"
+#include "rows.h"
+#include "select.h"
 
 #if IIS_AVX2
 namespace iis {
@@ -29,236 +28,11 @@ namespace narrow {
 
 constexpr int KMAX = 16;
 
-inline int pad8(int n) { return (n + 7) & ~7; }
-
-inline int hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
 // Per-thread scratch of one narrow head.
 struct Ws {
   Buf wt, w16, b16, zm, ah, z, az, lg, dwt, dw16, dg, dbe, cand;
   std::vector<int32_t> kidx;
 };
-
-// z = ah * g + be (two roundings, as torch), az = |z| over M entries; lanes M..Mp-1: z = 0, az = +inf
-// (never counted as <= a cut). ahp (optional) receives ah padded with zeros. Returns max |z|.
-inline float affine_row(const float* ah, const float* g, const float* be, int M, float* ahp, float* z, float* az) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 mx = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 8 <= M; j += 8) {
-    __m256 a = _mm256_loadu_ps(ah + j);
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(g + j)), _mm256_loadu_ps(be + j));
-    __m256 av = _mm256_andnot_ps(sign, v);
-    if (ahp) _mm256_store_ps(ahp + j, a);
-    _mm256_store_ps(z + j, v);
-    _mm256_store_ps(az + j, av);
-    mx = _mm256_max_ps(mx, av);
-  }
-  if (j < M) {
-    __m256i mk = tail_mask(M - j);
-    __m256 valid = _mm256_castsi256_ps(mk);
-    __m256 a = _mm256_maskload_ps(ah + j, mk);
-    __m256 v = _mm256_add_ps(_mm256_mul_ps(a, _mm256_maskload_ps(g + j, mk)), _mm256_maskload_ps(be + j, mk));
-    __m256 av = _mm256_andnot_ps(sign, v);
-    if (ahp) _mm256_store_ps(ahp + j, a);
-    _mm256_store_ps(z + j, _mm256_and_ps(v, valid));
-    _mm256_store_ps(az + j, _mm256_blendv_ps(_mm256_set1_ps(INFINITY), av, valid));
-    mx = _mm256_max_ps(mx, _mm256_and_ps(av, valid));
-  }
-  return hmax(mx);
-}
-
-// Left-packing of the lanes selected by an 8-bit mask: kCompress[m] lists the set bits of m, lowest first, as
-// byte lane indices (the rest 0). Branch-free stream compaction: no per-bit loop, no mispredicted branches.
-struct CompressTable {
-  alignas(64) uint64_t idx[256];
-  constexpr CompressTable() : idx{} {
-    for (int m = 0; m < 256; ++m) {
-      uint64_t v = 0;
-      int n = 0;
-      for (int b = 0; b < 8; ++b)
-        if (m >> b & 1) v |= (uint64_t)b << (8 * n++);
-      idx[m] = v;
-    }
-  }
-};
-inline constexpr CompressTable kCompress{};
-
-inline __m256i compress_perm(unsigned m) {
-  return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)kCompress.idx[m]));
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// exact selection
-// ------------------------------------------------------------------------------------------------------------
-constexpr int NCUT = 6;
-
-// cnt[q] = #{j : az[j] <= cut[q]} for six cuts in one pass
-inline void count6(const float* az, int Mp, const float* cut, int* cnt) {
-  const __m256 t0 = _mm256_set1_ps(cut[0]), t1 = _mm256_set1_ps(cut[1]), t2 = _mm256_set1_ps(cut[2]),
-               t3 = _mm256_set1_ps(cut[3]), t4 = _mm256_set1_ps(cut[4]), t5 = _mm256_set1_ps(cut[5]);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
-  for (int j = 0; j < Mp; j += 8) {
-    __m256 v = _mm256_load_ps(az + j);
-    a0 = _mm256_sub_epi32(a0, _mm256_castps_si256(_mm256_cmp_ps(v, t0, _CMP_LE_OQ)));
-    a1 = _mm256_sub_epi32(a1, _mm256_castps_si256(_mm256_cmp_ps(v, t1, _CMP_LE_OQ)));
-    a2 = _mm256_sub_epi32(a2, _mm256_castps_si256(_mm256_cmp_ps(v, t2, _CMP_LE_OQ)));
-    a3 = _mm256_sub_epi32(a3, _mm256_castps_si256(_mm256_cmp_ps(v, t3, _CMP_LE_OQ)));
-    a4 = _mm256_sub_epi32(a4, _mm256_castps_si256(_mm256_cmp_ps(v, t4, _CMP_LE_OQ)));
-    a5 = _mm256_sub_epi32(a5, _mm256_castps_si256(_mm256_cmp_ps(v, t5, _CMP_LE_OQ)));
-  }
-  cnt[0] = hsum_epi32(a0); cnt[1] = hsum_epi32(a1); cnt[2] = hsum_epi32(a2);
-  cnt[3] = hsum_epi32(a3); cnt[4] = hsum_epi32(a4); cnt[5] = hsum_epi32(a5);
-}
-
-// The previous row's answer and the typical row-to-row change of it: where the next row's first cuts go.
-struct SelState {
-  float prev = -1.f, spread = 0.f;
-};
-
-constexpr float kWindow = 1.5f;  // half-width of the one-pass window, in units of the row-to-row spread
-
-// the want-th smallest (0-based) of cand[0:nc]; records it as the previous answer
-inline float finish(SelState& st, float* cand, int nc, int want) {
-  float v;
-  if (nc <= 32) {  // rank by vector compares: the value with #(< v) <= want < #(<= v); no data-dependent swaps
-    const int nv = (nc + 7) / 8;
-    for (int j = nc; j < 8 * nv; ++j) cand[j] = INFINITY;
-    v = cand[0];
-    for (int i = 0; i < nc; ++i) {
-      const __m256 b = _mm256_set1_ps(cand[i]);
-      int lt = 0, le = 0;
-      for (int u = 0; u < nv; ++u) {
-        const __m256 c = _mm256_loadu_ps(cand + 8 * u);
-        lt += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_LT_OQ)));
-        le += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_LE_OQ)));
-      }
-      if (lt <= want && want < le) {
-        v = cand[i];
-        break;
-      }
-    }
-  } else {
-    std::nth_element(cand, cand + want, cand + nc);
-    v = cand[want];
-  }
-  if (st.prev >= 0.f) {
-    const float d = std::fabs(v - st.prev);
-    st.spread = st.spread > 0.f ? 0.875f * st.spread + 0.125f * d : d;
-  }
-  st.prev = v;
-  return v;
-}
-
-// Exact r-th smallest (1-based, 1 <= r <= M) of the M values az[0:M] (all >= 0; lanes M..Mp-1 are +inf),
-// amax = their maximum. cand: scratch of Mp floats.
-inline float select_rth(const float* az, int Mp, int M, int r, float amax, SelState& st, float* cand) {
-  constexpr int DONE = 12;  // gather once the bracket holds at most this many values
-  if (r >= M) return amax;  // s = 0 has r = 1 (the minimum); r = M drops everything
-  if (r == 1) {
-    __m256 mn = _mm256_set1_ps(INFINITY);  // pad lanes are +inf: they never win
-    for (int j = 0; j < Mp; j += 8) mn = _mm256_min_ps(mn, _mm256_load_ps(az + j));
-    __m128 m = _mm_min_ps(_mm256_castps256_ps128(mn), _mm256_extractf128_ps(mn, 1));
-    m = _mm_min_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_min_ss(m, _mm_movehdup_ps(m)));
-  }
-  float lo = -1.f, hi = amax;
-  int clo = 0, chi = M;     // invariant: #(az <= lo) = clo < r <= chi = #(az <= hi)
-  float cut[NCUT];
-  int cnt[NCUT];
-  if (st.prev >= 0.f && st.spread > 0.f) {
-    // Usual case, one pass: count az <= a and gather the values in (a, b], a window around the previous row's
-    // answer; done if the r-th smallest is among them, else the window still narrows the bracket.
-    const float a = st.prev - kWindow * st.spread, b = st.prev + kWindow * st.spread;
-    const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
-    __m256i cl = _mm256_setzero_si256();
-    int nc = 0;
-    for (int j = 0; j < Mp; j += 8) {
-      __m256 v = _mm256_load_ps(az + j);
-      __m256 le_a = _mm256_cmp_ps(v, av, _CMP_LE_OQ);
-      cl = _mm256_sub_epi32(cl, _mm256_castps_si256(le_a));
-      unsigned m = (unsigned)_mm256_movemask_ps(_mm256_andnot_ps(le_a, _mm256_cmp_ps(v, bv, _CMP_LE_OQ)));
-      _mm256_storeu_ps(cand + nc, _mm256_permutevar8x32_ps(v, compress_perm(m)));
-      nc += __builtin_popcount(m);
-    }
-    const int c = hsum_epi32(cl);
-    if (c < r && r <= c + nc) return finish(st, cand, nc, r - c - 1);
-    if (c >= r) {
-      if (a > lo && a < hi) { hi = a; chi = c; }
-    } else if (b > lo && b < hi) {
-      lo = b;
-      clo = c + nc;
-    }
-  }
-  for (int pass = 0; pass < 10 && chi - clo > DONE; ++pass) {  // evenly spaced cuts inside the bracket
-    const float base = std::max(lo, 0.f), width = hi - base;
-    for (int q = 0; q < NCUT; ++q) cut[q] = base + width * ((float)(q + 1) / (float)(NCUT + 1));
-    count6(az, Mp, cut, cnt);
-    const int before = chi - clo;
-    for (int q = 0; q < NCUT; ++q) {  // cuts ascend, counts are monotone
-      if (!(cut[q] > lo && cut[q] < hi)) continue;
-      if (cnt[q] < r) {
-        lo = cut[q];
-        clo = cnt[q];
-      } else {
-        hi = cut[q];
-        chi = cnt[q];
-        break;
-      }
-    }
-    if (pass > 0 && chi - clo == before) break;  // no cut fits strictly inside (lo, hi]: it holds one value
-  }
-  const __m256 lv = _mm256_set1_ps(lo), hv = _mm256_set1_ps(hi);
-  int nc = 0;
-  for (int j = 0; j < Mp; j += 8) {  // cand has Mp + 8 floats: every 8-lane store fits
-    __m256 v = _mm256_load_ps(az + j);
-    unsigned m = (unsigned)_mm256_movemask_ps(
-        _mm256_and_ps(_mm256_cmp_ps(v, lv, _CMP_GT_OQ), _mm256_cmp_ps(v, hv, _CMP_LE_OQ)));
-    _mm256_storeu_ps(cand + nc, _mm256_permutevar8x32_ps(v, compress_perm(m)));
-    nc += __builtin_popcount(m);
-  }
-  if (nc == 0) return hi;  // only with non-finite inputs
-  return finish(st, cand, nc, std::min(std::max(r - clo - 1, 0), nc - 1));
-}
-
-// zm[j] = 0 where az[j] <= thr, in place; returns how many of the first M entries are kept
-inline int mask_row(float* zm, const float* az, float thr, int M, int Mp) {
-  const __m256 tv = _mm256_set1_ps(thr);
-  int kept = 0;
-  for (int j = 0; j < Mp; j += 8) {
-    __m256 k = _mm256_cmp_ps(_mm256_load_ps(az + j), tv, _CMP_GT_OQ);
-    kept += __builtin_popcount((unsigned)_mm256_movemask_ps(k));
-    _mm256_store_ps(zm + j, _mm256_and_ps(k, _mm256_load_ps(zm + j)));
-  }
-  return kept - (Mp - M);  // pad lanes (+inf) always pass the compare
-}
-
-// indices of kept entries (az > thr, j < M) into kidx (room for Mp + 8); returns their number
-inline int kept_indices(const float* az, float thr, int M, int Mp, int32_t* kidx) {
-  const __m256 tv = _mm256_set1_ps(thr);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  int n = 0;
-  for (int j = 0; j < Mp; j += 8) {
-    unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(az + j), tv, _CMP_GT_OQ));
-    if (j + 8 > M) m &= (1u << (M - j)) - 1u;
-    __m256i ids = _mm256_add_epi32(lane, _mm256_set1_epi32(j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(kidx + n), _mm256_permutevar8x32_epi32(ids, compress_perm(m)));
-    n += __builtin_popcount(m);
-  }
-  return n;
-}
 
 // ------------------------------------------------------------------------------------------------------------
 // dense blocks (vectorised over the concept axis; NC classes at a time so that accumulators fit in registers)
@@ -410,19 +184,6 @@ inline void sparse_logits(const float* z, const int32_t* kidx, int ne, const flo
 // ------------------------------------------------------------------------------------------------------------
 // one head: training step (gradients into dW [M, K], db [K], dg [M], dbe [M], zeroed here) and evaluation
 // ------------------------------------------------------------------------------------------------------------
-struct Head {
-  const float *W, *b, *gam, *bet;  // parameters: W [M, K], b [K], gamma/beta [M]
-  int M, r;                        // r = k + 1: entries <= the r-th smallest |z| are dropped
-  bool dense;
-  int row_block;
-};
-
-struct Grads {
-  float *dW, *db, *dg, *dbe;
-  float* dbg_logits = nullptr;    // optional [nb, K]: logits (bias included) of every row
-  int64_t* dbg_kept = nullptr;    // optional [nb]
-};
-
 template <int K>
 struct Kernel {
   static constexpr int V = Lanes<K>::V;
@@ -472,7 +233,7 @@ struct Kernel {
         for (int i = 0; i < n; ++i) {
           const int64_t row = r0 + i;
           float* zi = Zm + (int64_t)i * Mp;
-          float amax = affine_row(ab + row * M, hd.gam, hd.bet, M, AH + (int64_t)i * Mp, zi, az);
+          float amax = affine_abs(ab + row * M, hd.gam, hd.bet, M, AH + (int64_t)i * Mp, zi, az);
           float thr = select_rth(az, Mp, M, hd.r, amax, st, cand);
           int kept = mask_row(zi, az, thr, M, Mp);
           if (gr.dbg_kept) gr.dbg_kept[r0 + i] = kept;
@@ -501,7 +262,7 @@ struct Kernel {
       for (int v = 0; v < V; ++v) dbv[v] = _mm256_setzero_ps();
       for (int64_t i = 0; i < nb; ++i) {
         const float* ah = ab + i * M;
-        float amax = affine_row(ah, hd.gam, hd.bet, M, nullptr, z, az);
+        float amax = affine_abs(ah, hd.gam, hd.bet, M, nullptr, z, az);
         float thr = select_rth(az, Mp, M, hd.r, amax, st, cand);
         const int ne = kept_indices(az, thr, M, Mp, kidx);
         if (gr.dbg_kept) gr.dbg_kept[i] = ne;
@@ -568,7 +329,7 @@ struct Kernel {
     alignas(32) float lg[KMAX];
     int64_t correct = 0;
     for (int64_t i = 0; i < N; ++i) {
-      float amax = affine_row(ahat + i * M, hd.gam, hd.bet, M, nullptr, z, az);
+      float amax = affine_abs(ahat + i * M, hd.gam, hd.bet, M, nullptr, z, az);
       float thr = select_rth(az, Mp, M, hd.r, amax, st, cand);
       if (hd.dense) {
         mask_row(z, az, thr, M, Mp);
