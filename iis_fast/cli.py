@@ -16,41 +16,56 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config_fields() -> list:
+    """The IISConfig fields that are command-line options, in declaration order."""
+    import dataclasses
+
+    from .config import IISConfig
+    return [f for f in dataclasses.fields(IISConfig) if f.metadata.get("cli")]
+
+
+def _show(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
 def add_score_options(p: argparse.ArgumentParser, *, multi_library: bool = False,
-                      extract_batch_size: int = 64) -> None:
-    """The IIS options every scoring command shares (`score`, `demo`, `sweep`). Progress is each command's own."""
+                      defaults: dict | None = None) -> None:
+    """The IIS options every scoring command shares (`score`, `demo`, `sweep`), one per :class:`IISConfig` field,
+    with the help, default and choices the field declares (``defaults`` overrides a default for this command).
+    An option left out is not passed on, so the config's own default applies. Progress is each command's own."""
+    from .config import INT_FIELDS
+    defaults = defaults or {}
     g = p.add_argument_group("IIS options (defaults follow docs/spec.md §1)")
-    if multi_library:
-        g.add_argument("--library", default="prototype",
-                       help="concept library type(s), comma-separated for several rows per checkpoint: "
-                            "prototype, cluster, end2end (default: prototype)")
-    else:
-        g.add_argument("--library", default="prototype", choices=["prototype", "cluster", "end2end"],
-                       help="concept library type (default: prototype, an even per-class pick of concept elements)")
-    g.add_argument("--num-concepts", type=int, default=200, help="M, the number of concepts (default 200)")
-    g.add_argument("--sparsities", type=_floats, default=None, help="comma-separated sparsity grid "
-                   "(default 0,0.1,0.3,0.5,0.7,0.9,0.95,0.98)")
-    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates (default 1e-3,1e-2,1e-1)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs per head (default 30)")
-    g.add_argument("--images-per-class", type=int, default=10, help="concept-source images per class (default 10)")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--official", action="store_true",
                    help="reproduce the official IIS code wherever iis_fast departs from it (docs/spec.md §1.9): "
                         "segments only, official element geometry, first-M prototypes, first 20,000 elements, "
                         "stochastic end2end evaluation; options given explicitly still win")
-    g.add_argument("--elements", default=None, choices=["patches", "segments", "both"],
-                   help="concept element kinds (default: both; segments with --official)")
-    g.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "torch", "reference"],
-                   help="how the heads are trained; auto = the fastest one available (default)")
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    g.add_argument("--extract-batch-size", type=int, default=extract_batch_size,
-                   help=f"backbone batch size (default {extract_batch_size})")
-    g.add_argument("--extract-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="backbone compute dtype for feature extraction (default auto: bfloat16 on a GPU or a CPU "
-                        "with native bf16, else float32; its IIS effect is measured in docs/throughput.md)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbone for extraction")
-    g.add_argument("--cache-dir", default=None,
-                   help="feature cache directory (default ~/.cache/iis_fast or $IIS_FAST_CACHE)")
+    for f in _config_fields():
+        flag, default = _flag(f.name), defaults.get(f.name, f.default)
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
+        if f.name == "library" and multi_library:
+            help_text += "; comma-separated for several rows per checkpoint"
+            choices = None
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {'on' if default else 'off'})")
+            continue
+        kind = (_floats if isinstance(f.default, tuple) else int if f.name in INT_FIELDS
+                else float if isinstance(f.default, float) else str)
+        g.add_argument(flag, type=kind, default=defaults.get(f.name), choices=choices,
+                       metavar=None if choices else f.name.upper(),
+                       help=help_text if default is None else f"{help_text} (default: {_show(default)})")
+
+
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    """Every long-running command shows progress bars on stderr; ``--no-progress`` hides them."""
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (shown on stderr by default)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -78,20 +93,14 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def score_options(args: argparse.Namespace) -> dict:
-    """IISConfig options from arguments added by :func:`add_score_options` (a comma list of libraries is a list)."""
-    libs = [v.strip() for v in args.library.split(",") if v.strip()]
-    opts = dict(library=libs if len(libs) > 1 else libs[0], num_concepts=args.num_concepts, epochs=args.epochs,
-                images_per_class=args.images_per_class, seed=args.seed, backend=args.backend, device=args.device,
-                extract_batch_size=args.extract_batch_size, cache_dir=args.cache_dir,
-                extract_dtype=args.extract_dtype, compile=args.compile)
+    """IISConfig options from arguments added by :func:`add_score_options`: the ones given (or defaulted by the
+    command), a comma list of libraries as a list."""
+    opts = {f.name: getattr(args, f.name) for f in _config_fields() if getattr(args, f.name, None) is not None}
+    if "library" in opts:
+        libs = [v.strip() for v in opts["library"].split(",") if v.strip()]
+        opts["library"] = libs if len(libs) > 1 else libs[0]
     if getattr(args, "official", False):
         opts["reproduce"] = "official"
-    if getattr(args, "elements", None):
-        opts["elements"] = args.elements
-    if args.sparsities:
-        opts["sparsities"] = args.sparsities
-    if args.lrs:
-        opts["lrs"] = args.lrs
     return opts
 
 
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-eval", type=int, default=1000, help="eval images (stratified, TEST split)")
     d.add_argument("--image-size", type=int, default=128, help="input resolution (default 128 to fit 2 CPU cores)")
     d.add_argument("--json", help="also write the results as JSON here")
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(d)
     add_score_options(d)
     d.set_defaults(func=cmd_demo)
 
@@ -168,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", help="submodule whose pooled output is the representation (default: pre-logits)")
     s.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     s.add_argument("--json", help="write the full result as JSON here")
-    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(s)
     add_model_options(s)
     add_score_options(s)
     s.set_defaults(func=cmd_score)
@@ -210,13 +219,15 @@ def precheck(args: argparse.Namespace) -> None:
     from .config import IISConfig
     if hasattr(args, "num_concepts") and hasattr(args, "library"):          # a scoring command
         opts = score_options(args)
-        for lib in (opts["library"] if isinstance(opts["library"], list) else [opts["library"]]):
+        libraries = opts.get("library", "prototype")
+        for lib in (libraries if isinstance(libraries, list) else [libraries]):
             IISConfig.from_options(**{**opts, "library": lib})
         if getattr(args, "executor", "local") in ("local", "inline"):     # Ray/Slurm workers have their own
             from .backends import resolve_backend
             from .validation import check_device
-            check_device(args.device)
-            resolve_backend(args.backend, args.device)     # BackendUnavailable, e.g. --backend triton on a CPU
+            device = opts.get("device", "cpu")
+            check_device(device)
+            resolve_backend(opts.get("backend", "auto"), device)     # BackendUnavailable, e.g. --backend triton on a CPU
     for option in ("json", "png"):
         check_output_file(getattr(args, option, None), f"--{option}")
     if args.command in ("score", "sweep"):

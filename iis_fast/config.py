@@ -17,7 +17,7 @@ LIBRARIES = ("prototype", "cluster", "end2end", "text")
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 #: Fields that hold whole numbers: 2.5 epochs is refused, 30.0 is read as 30.
 INT_FIELDS: tuple[str, ...] = ("num_concepts", "epochs", "batch_size", "seed", "images_per_class", "max_elements",
-                               "extract_batch_size")
+                               "extract_batch_size", "element_batch_size")
 
 
 def whole_number(name: str, value: Any) -> int:
@@ -27,6 +27,9 @@ def whole_number(name: str, value: Any) -> int:
         raise IISInputError(f"{name}={value!r}: must be a whole number")
     return int(value)
 
+
+#: A sweep embeds with larger batches than score()'s default: results do not change, and 64 wastes CPU on small nets.
+SWEEP_EXTRACT_BATCH_SIZE = 256
 
 REPRODUCE = (None, "official")
 #: The options the ``reproduce`` preset sets (docs/spec.md §1.9), their choices, defaults and official values.
@@ -41,38 +44,60 @@ OFFICIAL_OPTIONS: dict[str, str] = {"elements": "segments", "element_geometry": 
                                     "end2end_eval": "stochastic"}
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, cli: bool = True) -> Any:
+    """A config field with its help text: the one place an option's default, choices and meaning are written.
+    ``iis_fast.cli`` builds the command-line options of every scoring command from these fields."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
+                                            "cli": cli})
+
+
 @dataclass
 class IISConfig:
     """All knobs of one IIS run (docs/spec.md §1). Build with ``IISConfig(**options)``; unknown options raise."""
 
-    library: str = "prototype"          # prototype | cluster | end2end | text
-    num_concepts: int = 200             # M
-    sparsities: Sequence[float] = DEFAULT_SPARSITIES
-    lrs: Sequence[float] = DEFAULT_LRS
-    epochs: int = 30
-    batch_size: int = 1024
-    lr_decay: float = 0.99              # lr multiplied by this after every epoch
-    seed: int = 0
-    images_per_class: int = 10          # concept-source images per class (TRAIN split only)
-    reproduce: str | None = None        # "official": every option left None below takes its official value
-    elements: str | None = None         # patches | segments | both (None: "both"; official "segments")
-    element_geometry: str | None = None     # crop | official (None: "crop"; docs/spec.md §1.2)
-    prototype_selection: str | None = None  # stratified | first (None: "stratified"; official "first")
-    max_elements: int = 20000           # cap for cluster / end2end
-    element_subset: str | None = None   # random | first: which max_elements (None: "random"; official "first")
-    end2end_eval: str | None = None     # argmax | stochastic (None: "argmax"; official "stochastic")
-    selection: str = "eval"             # epoch selection split: "eval" (reference) | "holdout"
-    selection_fraction: float = 0.1     # share of train held out when selection == "holdout"
-    eval_fraction: float = 0.2          # share of the loader held out when no eval_loader is given
-    device: str = "cpu"
-    dtype: str = "float32"              # storage dtype of features (compute is fp32)
-    backend: str = "auto"
-    cache_dir: str | None = None        # None: ~/.cache/iis_fast (or $IIS_FAST_CACHE)
-    progress: bool = True
-    extract_batch_size: int = 64
-    extract_dtype: str = "auto"         # backbone compute dtype: auto | float32 | bfloat16 | float16 (resolved per device)
-    channels_last: bool = True          # run the backbone in channels-last memory format (same fp32 math)
-    compile: bool = False               # torch.compile the backbone's forward for extraction
+    library: str = option("prototype", "concept library type: prototype (an even per-class pick of concept "
+                          "elements), cluster, end2end or text", choices=LIBRARIES)
+    num_concepts: int = option(200, "M, the number of concepts")
+    sparsities: Sequence[float] = option(DEFAULT_SPARSITIES, "comma-separated sparsity grid, each in [0, 1)")
+    lrs: Sequence[float] = option(DEFAULT_LRS, "comma-separated learning rates of the grid")
+    epochs: int = option(30, "epochs per head")
+    batch_size: int = option(1024, "head training batch size")
+    lr_decay: float = option(0.99, "the learning rate is multiplied by this after every epoch")
+    seed: int = option(0, "seed of concept selection, head initialisation and batch order")
+    images_per_class: int = option(10, "concept-source images per class (TRAIN split only)")
+    reproduce: str | None = option(None, "'official': every option left unset below takes the official code's "
+                                   "value (docs/spec.md §1.9)", choices=REPRODUCE, cli=False)
+    elements: str | None = option(None, "concept element kinds (unset: both; official: segments)",
+                                  choices=PRESET_CHOICES["elements"])
+    element_geometry: str | None = option(None, "element geometry (unset: crop; official: official; docs/spec.md "
+                                          "§1.2)", choices=PRESET_CHOICES["element_geometry"])
+    prototype_selection: str | None = option(None, "which elements become prototypes (unset: stratified; official: "
+                                             "first)", choices=PRESET_CHOICES["prototype_selection"])
+    max_elements: int = option(20000, "element cap for the cluster and end2end libraries")
+    element_subset: str | None = option(None, "which max_elements are kept (unset: random; official: first)",
+                                        choices=PRESET_CHOICES["element_subset"])
+    end2end_eval: str | None = option(None, "end2end evaluation (unset: argmax; official: stochastic)",
+                                      choices=PRESET_CHOICES["end2end_eval"])
+    selection: str = option("eval", "split the best epoch and lr are picked on: eval (as the official code) or "
+                            "holdout (a part of TRAIN)", choices=("eval", "holdout"))
+    selection_fraction: float = option(0.1, "share of TRAIN held out when selection is holdout")
+    eval_fraction: float = option(0.2, "share of the data held out for evaluation when no eval data is given")
+    device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    dtype: str = option("float32", "storage dtype of cached features (compute is float32)", choices=DTYPES)
+    backend: str = option("auto", "how the heads are trained; auto = the fastest one available", choices=BACKENDS)
+    cache_dir: str | None = option(None, "feature cache directory (unset: ~/.cache/iis_fast or $IIS_FAST_CACHE)")
+    progress: bool = option(True, "show progress bars", cli=False)      # each command's --no-progress sets it
+    extract_batch_size: int = option(64, "backbone batch size for extraction")
+    element_batch_size: int = option(128, "backbone batch size for embedding concept elements (default: the "
+                                     "fastest measured on CPU for the demo models, docs/throughput.md)")
+    extract_dtype: str = option("auto", "backbone compute dtype for extraction: auto is bfloat16 on a GPU or a CPU "
+                                "with native bf16, else float32 (IIS effect measured in docs/throughput.md)",
+                                choices=("auto",) + DTYPES)
+    channels_last: bool = option(True, "run the backbone in channels-last memory format (same float32 math)")
+    compile: bool = option(False, "torch.compile the backbone's forward for extraction")
 
     def __post_init__(self) -> None:
         self.sparsities = tuple(float(s) for s in self.sparsities)
@@ -104,10 +129,10 @@ class IISConfig:
                                                                                      else repr(kinds))
 
     def validate(self) -> None:
-        if self.library not in LIBRARIES:
-            raise IISInputError(f"library={self.library!r}: choose one of {LIBRARIES}")
-        if self.backend not in BACKENDS:
-            raise IISInputError(f"backend={self.backend!r}: choose one of {BACKENDS}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise IISInputError(f"{f.name}={getattr(self, f.name)!r}: choose one of {choices}")
         if not self.sparsities:
             raise IISInputError("sparsities is empty: give at least one sparsity in [0, 1)")
         for s in self.sparsities:
@@ -127,18 +152,11 @@ class IISConfig:
             raise IISInputError(f"seed={self.seed}: must be >= 0 (numpy seeds are non-negative)")
         if self.num_concepts < 2:
             raise IISInputError(f"num_concepts={self.num_concepts}: need at least 2 concepts")
-        for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size"):
+        for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size", "element_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise IISInputError(f"{name}={getattr(self, name)}: must be a positive integer")
-        if self.selection not in ("eval", "holdout"):
-            raise IISInputError(f"selection={self.selection!r}: choose 'eval' or 'holdout'")
-        for name, choices in PRESET_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise IISInputError(f"{name}={getattr(self, name)!r}: choose one of {choices}")
-        if self.extract_dtype not in ("float32", "float16", "bfloat16"):
-            raise IISInputError(f"extract_dtype={self.extract_dtype!r}: choose auto, float32, bfloat16 or float16")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise IISInputError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
+        if self.extract_dtype not in DTYPES:           # "auto" is resolved in __post_init__
+            raise IISInputError(f"extract_dtype={self.extract_dtype!r}: choose one of {('auto',) + DTYPES}")
         for frac in ("selection_fraction", "eval_fraction"):
             if not (0.0 < getattr(self, frac) < 1.0):
                 raise IISInputError(f"{frac}={getattr(self, frac)}: must be in (0, 1)")

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from ..cli import add_progress_option
+
 __all__ = ["register", "cmd_probe"]
 
 _DESCRIPTION = """\
@@ -67,7 +69,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--png", default="probe_attributions.png",
                    help="write the figure of one grid image's maps per probe here ('' to skip)")
     p.add_argument("--json", help="also write the full results as JSON here")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    add_progress_option(p)
     p.set_defaults(func=cmd_probe)
     return p
 
@@ -86,7 +88,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         threshold=args.threshold, ig_steps=args.ig_steps, ig_method=args.ig_method, gradcam_layer=args.gradcam_layer,
         gradcam_relu=args.gradcam_relu, explanation_mode=args.explanation_mode, seed=args.seed,
         checkpoint=args.checkpoint,
-        png=args.png or None, progress=args.progress)
+        png=args.png or None, progress=not args.no_progress)
     if args.quick:
         kw.update(n_train=300, n_eval=200, n_pool=300, epochs=4, hidden=64, n_grids=2)
     res = run_comparison(args.model, **kw)

@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Any
 
-from ..cli import add_model_options, add_score_options, model_options, score_options
+from ..config import SWEEP_EXTRACT_BATCH_SIZE
+from ..cli import add_model_options, add_progress_option, add_score_options, model_options, score_options
 from ..data.sources import DATA_SPEC_HELP
 
 __all__ = ["register"]
@@ -116,9 +117,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--cluster", help="submitit cluster: slurm (auto-detected), local, debug")
     s.add_argument("--slurm", help='JSON of submitit parameters, e.g. \'{"slurm_partition": "gpu", "timeout_min": 120}\'')
     s.add_argument("--export", action="append", help="also export the table to this .csv or .parquet (repeatable)")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress_option(s)
     add_model_options(s)
-    add_score_options(s, multi_library=True, extract_batch_size=256)
+    add_score_options(s, multi_library=True, defaults={"extract_batch_size": SWEEP_EXTRACT_BATCH_SIZE})
     s.set_defaults(func=cmd_sweep)
 
     r = subparsers.add_parser(
@@ -143,7 +144,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-decayed (default 2e-3)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    m.add_argument("--no-progress", action="store_true")
+    add_progress_option(m)
     m.set_defaults(func=cmd_make_checkpoints)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from ..config import IISConfig
+from ..config import SWEEP_EXTRACT_BATCH_SIZE, IISConfig
 from ..errors import IISInputError
 from .checkpoints import CheckpointSpec, parse_checkpoints
 from ..data.sources import DataRef, prepare_data
@@ -141,7 +141,7 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
     libraries = score_options.pop("library", "prototype")
     libraries = [libraries] if isinstance(libraries, str) else list(libraries)
     score_options.pop("progress", None)
-    score_options.setdefault("extract_batch_size", 256)     # does not change results; 64 wastes CPU on small nets
+    score_options.setdefault("extract_batch_size", SWEEP_EXTRACT_BATCH_SIZE)
     # how checkpoints are read: part of each row's settings (an EMA copy is another model), absent when unset so
     # rows stored without them keep their identity
     model_opts = {k: score_options.pop(k) for k in ("checkpoint_key", "model_kwargs") if score_options.get(k)}
