@@ -9,8 +9,9 @@ same order, so the result does not depend on the chunk size. :func:`official_ord
 official code's element files (docs/spec.md §1.2), which "first" selections read.
 
 Element images depend only on the source images and the geometry, never on the model, so a sweep that scores
-many checkpoints of one run would rebuild the same images (SLIC dominates) for each. ``embed_concept_elements(...,
-memo=True)`` keeps them in a small per-process memo (:data:`ELEMENT_MEMO_BYTES`) and only re-embeds them.
+many checkpoints of one run would rebuild the same images (SLIC and cropping) for each. ``embed_concept_elements(...,
+cache=FeatureCache(...))`` stores them as an on-disk cache entry that every process and every later run reads
+memory-mapped and only re-embeds; ``memo=True`` keeps them in a small per-process memo (:data:`ELEMENT_MEMO_BYTES`).
 """
 from __future__ import annotations
 
@@ -325,16 +326,24 @@ ELEMENT_MEMO_BYTES = 512 * 2**20   # element images kept per process (all keys t
 _ELEMENT_MEMO: "OrderedDict[str, tuple[list, int]]" = OrderedDict()   # key -> (chunks, bytes)
 
 
-def _memo_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], size: tuple[int, int], grid: int,
-              chunk_images: int, segment_opts: dict) -> str:
-    """Content hash of everything the element images depend on (n_jobs does not change them)."""
+def _content_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], size: tuple[int, int],
+                 grid: int, segment_opts: dict) -> str:
+    """Content hash of everything the element images depend on: the source images' bytes, shape and dtype, their
+    labels, the element kinds, the output size, the patch grid and the SLIC/selection options (``n_jobs`` does
+    not change them; nothing in them is random, so no seed enters)."""
     h = hashlib.sha1()
     x = images01.detach().cpu().contiguous()
-    h.update(str((tuple(x.shape), str(x.dtype), kinds, size, grid, chunk_images,
+    h.update(str((tuple(x.shape), str(x.dtype), kinds, size, grid,
                   sorted((k, repr(v)) for k, v in segment_opts.items() if k != "n_jobs"))).encode())
     h.update(x.numpy().tobytes())
     h.update(np.ascontiguousarray(lab).tobytes())
     return h.hexdigest()
+
+
+def _memo_key(images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...], size: tuple[int, int], grid: int,
+              chunk_images: int, segment_opts: dict) -> str:
+    """The memo's key: the content key and the chunking (the memo keeps element images per chunk)."""
+    return f"{_content_key(images01, lab, kinds, size, grid, segment_opts)}|{chunk_images}"
 
 
 def _memo_put(key: str, chunks: list, nbytes: int) -> None:
@@ -347,6 +356,42 @@ def _memo_put(key: str, chunks: list, nbytes: int) -> None:
 def clear_element_memo() -> None:
     """Forget every memoised element image (frees the memory)."""
     _ELEMENT_MEMO.clear()
+
+
+# ------------------------------------------------------------------------------------------ on-disk entry
+#: Version of the on-disk element-image entries; bump when the element images of a geometry change.
+ELEMENT_IMAGES_VERSION = "element-images-v1"
+
+
+def _stored_elements(cache, images01: torch.Tensor, lab: np.ndarray, kinds: tuple[str, ...],
+                     size: tuple[int, int], grid: int, chunk_images: int, segment_opts: dict,
+                     bar) -> dict[str, np.ndarray]:
+    """The element images of ``images01`` from the cache entry ``cache`` holds for them, built and stored first
+    when it has none (or only a corrupt one: the cache warns and this rebuilds it).
+
+    Returns ``{kind: images [E_k, 3, h, w] float32 (memory-mapped), kind + "_src": source index [E_k]}``.
+    """
+    names = tuple(n for k in kinds for n in (k, f"{k}_src"))
+    key = cache.key(ELEMENT_IMAGES_VERSION, _content_key(images01, lab, kinds, size, grid, segment_opts))
+    hit = cache.get(key, required=names)
+    if hit is not None:
+        bar.update(images01.shape[0])
+        return hit
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    srcs: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
+    for start in range(0, images01.shape[0], chunk_images):
+        imgs = images01[start:start + chunk_images]
+        for kind in kinds:
+            el, src = _elements_of_kind(kind, imgs, size, grid, segment_opts)
+            parts[kind].append(el)
+            srcs[kind].append(np.asarray(src, dtype=np.int64) + start)
+        bar.update(imgs.shape[0])
+    arrays: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        arrays[kind] = torch.cat(parts.pop(kind)).float().numpy()     # one kind's pieces freed at a time
+        arrays[f"{kind}_src"] = np.concatenate(srcs[kind])
+    cache.put(key, arrays, {"kind": "element_images", "images": int(images01.shape[0]), "size": list(size)})
+    return cache.get(key, required=names) or arrays
 
 
 # ----------------------------------------------------------------------------------------------- embedding
@@ -416,6 +461,37 @@ def _image_chunks(images01, labels, chunk_images: int) -> Iterator[tuple[torch.T
         yield imgs, lab
 
 
+class _KindBatcher:
+    """Embeds element images of each kind in full batches of ``batch_size`` across chunk boundaries (a chunk's
+    remainder waits for the next chunk's elements), keeping every kind's rows in arrival order."""
+
+    def __init__(self, embed_fn: EmbedFn, kinds: tuple[str, ...], mean_t: torch.Tensor, std_t: torch.Tensor,
+                 batch_size: int, device: torch.device | str | None):
+        self.embed_fn, self.mean_t, self.std_t, self.batch_size, self.device = embed_fn, mean_t, std_t, batch_size, \
+            device
+        self.pending: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+        self.feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+
+    def add(self, kind: str, images: torch.Tensor, last: bool = False) -> None:
+        """Queue ``images`` of ``kind``; embed every full batch queued (everything when ``last``)."""
+        if images.shape[0]:
+            self.pending[kind].append(images)
+        queued = sum(p.shape[0] for p in self.pending[kind])
+        n = queued if last else queued // self.batch_size * self.batch_size
+        if n == 0:
+            return
+        pend = self.pending[kind]
+        block = pend[0] if len(pend) == 1 else torch.cat(pend)
+        self.feats[kind].append(_embed_batches(self.embed_fn, block[:n], self.mean_t, self.std_t, self.batch_size,
+                                               self.device, None))
+        self.pending[kind] = [block[n:]] if n < block.shape[0] else []
+
+    def result(self, kind: str) -> list[torch.Tensor]:
+        """The features of every queued element of ``kind``, in order (embeds what is still queued)."""
+        self.add(kind, torch.zeros(0), last=True)
+        return self.feats[kind]
+
+
 def embed_concept_elements(embed_fn: EmbedFn,
                            images01: torch.Tensor | Iterable[tuple[torch.Tensor, Sequence[int]]],
                            labels: Sequence[int] | np.ndarray | torch.Tensor | None,
@@ -423,21 +499,28 @@ def embed_concept_elements(embed_fn: EmbedFn,
                            std: Sequence[float] | torch.Tensor, kinds: Sequence[str] = ELEMENT_KINDS,
                            grid: int = 4, chunk_images: int = 8, batch_size: int = 64,
                            device: torch.device | str | None = None, progress: bool = True,
-                           memo: bool = False, return_info: bool = False, **segment_opts
+                           memo: bool = False, return_info: bool = False, cache=None, **segment_opts
                            ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, ElementInfo]:
     """Make and embed every element of the concept-source images, streaming so memory stays small.
 
     ``images01`` is either a tensor [N, 3, H, W] with ``labels`` [N], or an iterable of
     ``(images01_chunk, labels_chunk)`` pairs (then ``labels=None``). ``segment_opts`` (e.g. ``n_jobs=2``) go to
-    :func:`segment_elements`. Elements are built for
-    ``chunk_images`` source images at a time, embedded with :func:`embed_elements` and dropped.
-    Returns ``(element_feats [E, D] float32, L2-normalised rows; element_labels [E] long)`` in the same
+    :func:`segment_elements`. Elements are built for ``chunk_images`` source images at a time and embedded in
+    batches of ``batch_size`` elements of one kind (a batch spans chunks, so every batch but each kind's last is
+    full). Returns ``(element_feats [E, D] float32, L2-normalised rows; element_labels [E] long)`` in the same
     kind-major order as :func:`make_elements`.
 
-    ``memo=True`` (tensor input only): the element images are kept in a per-process memo keyed by the source
-    images' content and the geometry, so a second call (another checkpoint of the same run) only embeds. Sets
-    larger than :data:`ELEMENT_MEMO_BYTES` are streamed as without it. The result is identical either way.
-    ``return_info=True`` adds the :class:`ElementInfo` of every row (for :func:`official_order`).
+    Element images depend only on the source images and the geometry, so they can be reused (tensor input only):
+
+    - ``cache`` (an :class:`iis_fast.features.FeatureCache`): the element images are an entry of that on-disk cache,
+      keyed by the source images' content, their labels, the kinds, ``out_size``, ``grid`` and the SLIC options;
+      every later call, in any process, reads them memory-mapped and only embeds. A corrupt entry is reported by
+      the cache and rebuilt. ``memo`` is not used then.
+    - ``memo=True``: a per-process memo of the element images instead. Sets larger than
+      :data:`ELEMENT_MEMO_BYTES` are streamed as without it.
+
+    The result is identical either way. ``return_info=True`` adds the :class:`ElementInfo` of every row (for
+    :func:`official_order`).
     """
     kinds = _check_kinds(kinds)
     size = _check_out_size(out_size)
@@ -446,44 +529,35 @@ def embed_concept_elements(embed_fn: EmbedFn,
     mean_t, std_t = _stats(mean, "mean"), _stats(std, "std")
     from tqdm.auto import tqdm
 
-    feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
+    batcher = _KindBatcher(embed_fn, kinds, mean_t, std_t, int(batch_size), device)
     labs: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     srcs: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
-    offset = 0
-    key = cached = None
-    if memo and isinstance(images01, torch.Tensor):
+    tensor_input = isinstance(images01, torch.Tensor)
+    lab_all = None
+    if tensor_input and (memo or cache is not None):
         images01 = _check_images(images01)
         lab_all = _as_label_array(labels)
-        key = _memo_key(images01, lab_all, kinds, size, int(grid), int(chunk_images), segment_opts)
-        if key in _ELEMENT_MEMO:
-            _ELEMENT_MEMO.move_to_end(key)
-            cached = _ELEMENT_MEMO[key][0]
-    built: list | None = []             # per chunk: {kind: (element images, source index)}, for the memo
-    built_bytes = 0
+        if lab_all.shape[0] != images01.shape[0]:
+            raise IISInputError(f"labels has {lab_all.shape[0]} entries but images01 has {images01.shape[0]} images")
     bar = tqdm(desc="concept elements", unit="img", disable=not progress)
     try:
-        for c, (imgs, lab) in enumerate(_image_chunks(images01, labels, int(chunk_images))):
-            per_kind = cached[c] if cached is not None else {
-                kind: _elements_of_kind(kind, imgs, size, grid, segment_opts) for kind in kinds}
-            if key is not None and cached is None and built is not None:
-                built_bytes += sum(el.numel() * el.element_size() for el, _ in per_kind.values())
-                if built_bytes <= ELEMENT_MEMO_BYTES:
-                    built.append(per_kind)
-                else:                   # too large to keep: stream as without the memo
-                    built = None
+        if cache is not None and tensor_input:
+            stored = _stored_elements(cache, images01, lab_all, kinds, size, int(grid), int(chunk_images),
+                                      segment_opts, bar)
+            block = max(int(batch_size), 512 // int(batch_size) * int(batch_size))  # memory-mapped, read per block
             for kind in kinds:
-                el, src = per_kind[kind]
-                if el.shape[0]:
-                    feats[kind].append(_embed_batches(embed_fn, el, mean_t, std_t, int(batch_size), device, None))
-                    labs[kind].append(torch.as_tensor(lab[src], dtype=torch.long))
-                    srcs[kind].append(np.asarray(src, dtype=np.int64) + offset)
-            offset += imgs.shape[0]
-            bar.update(imgs.shape[0])
+                el, src = stored[kind], np.asarray(stored[f"{kind}_src"], dtype=np.int64)
+                for start in range(0, el.shape[0], block):
+                    batcher.add(kind, torch.from_numpy(np.array(el[start:start + block], dtype=np.float32)))
+                if src.size:
+                    labs[kind].append(torch.as_tensor(lab_all[src], dtype=torch.long))
+                    srcs[kind].append(src)
+        else:
+            _embed_streamed(batcher, images01, labels, lab_all, kinds, size, int(grid), int(chunk_images),
+                            segment_opts, memo and tensor_input, labs, srcs, bar)
     finally:
         bar.close()
-    if key is not None and cached is None and built is not None:
-        _memo_put(key, built, built_bytes)
-    all_feats = [f for k in kinds for f in feats[k]]
+    all_feats = [f for k in kinds for f in batcher.result(k)]
     if not all_feats:
         raise IISInputError("no concept elements were produced: images01 is empty or every segment was rejected")
     out_feats, out_labels = torch.cat(all_feats), torch.cat([l for k in kinds for l in labs[k]])
@@ -491,3 +565,37 @@ def embed_concept_elements(embed_fn: EmbedFn,
         return out_feats, out_labels
     info = ElementInfo.from_sources([(k, np.concatenate(srcs[k])) for k in kinds if srcs[k]])
     return out_feats, out_labels, info
+
+
+def _embed_streamed(batcher: _KindBatcher, images01, labels, lab_all, kinds: tuple[str, ...],
+                    size: tuple[int, int], grid: int, chunk_images: int, segment_opts: dict, memo: bool,
+                    labs: dict, srcs: dict, bar) -> None:
+    """Build the element images chunk by chunk (or take them from the per-process memo) and queue them."""
+    key = cached = None
+    if memo:
+        key = _memo_key(images01, lab_all, kinds, size, grid, chunk_images, segment_opts)
+        if key in _ELEMENT_MEMO:
+            _ELEMENT_MEMO.move_to_end(key)
+            cached = _ELEMENT_MEMO[key][0]
+    built: list | None = []             # per chunk: {kind: (element images, source index)}, for the memo
+    built_bytes = 0
+    offset = 0
+    for c, (imgs, lab) in enumerate(_image_chunks(images01, labels, chunk_images)):
+        per_kind = cached[c] if cached is not None else {
+            kind: _elements_of_kind(kind, imgs, size, grid, segment_opts) for kind in kinds}
+        if key is not None and cached is None and built is not None:
+            built_bytes += sum(el.numel() * el.element_size() for el, _ in per_kind.values())
+            if built_bytes <= ELEMENT_MEMO_BYTES:
+                built.append(per_kind)
+            else:                       # too large to keep: stream as without the memo
+                built = None
+        for kind in kinds:
+            el, src = per_kind[kind]
+            if el.shape[0]:
+                batcher.add(kind, el)
+                labs[kind].append(torch.as_tensor(lab[src], dtype=torch.long))
+                srcs[kind].append(np.asarray(src, dtype=np.int64) + offset)
+        offset += imgs.shape[0]
+        bar.update(imgs.shape[0])
+    if key is not None and cached is None and built is not None:
+        _memo_put(key, built, built_bytes)

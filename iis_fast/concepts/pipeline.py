@@ -1,7 +1,8 @@
 """From the cached TRAIN concept-source images to the library :func:`iis_fast.score` trains on (docs/spec.md §1.2).
 
 One function, :func:`score_library`, so that ``score`` stays a thin driver: it embeds the elements of the kinds
-and geometry the config asks for (cached on disk per model, data and geometry), orders them the official way
+and geometry the config asks for (their features cached on disk per model, data and geometry; for the crop
+geometry their images too, per source images and geometry, shared by every model), orders them the official way
 where a "first" selection reads them, and builds the library. For ``library="end2end"`` it returns the element
 matrix E, from which every head of the grid learns its own assignment.
 """
@@ -62,7 +63,7 @@ def score_library(cfg: Any, cache: Any, train_key: str, train: dict[str, Any], e
                     "raw_image(i)); pass element_geometry='crop' to cut them from the preprocessed images")
             feats, labels, info = embed_official_elements(
                 embed, raw, np.asarray(train["src_labels"]), size, pre["mean"], pre["std"], kinds=kinds,
-                batch_size=cfg.extract_batch_size, device=cfg.device, progress=cfg.progress, n_jobs=2)
+                batch_size=cfg.element_batch_size, device=cfg.device, progress=cfg.progress, n_jobs=2)
         else:
             mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
             std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
@@ -71,8 +72,8 @@ def score_library(cfg: Any, cache: Any, train_key: str, train: dict[str, Any], e
                 images01 = images01.expand(-1, 3, -1, -1)
             feats, labels, info = embed_concept_elements(
                 embed, images01, tensor_from_numpy(train["src_labels"]), out_size=size, mean=pre["mean"],
-                std=pre["std"], kinds=kinds, batch_size=cfg.extract_batch_size, device=cfg.device,
-                progress=cfg.progress, n_jobs=-1, chunk_images=32, memo=True, return_info=True)
+                std=pre["std"], kinds=kinds, batch_size=cfg.element_batch_size, device=cfg.device,
+                progress=cfg.progress, n_jobs=-1, chunk_images=32, cache=cache, return_info=True)
         arrays = {"feats": feats.numpy(), "labels": labels.numpy(), **info.arrays()}
         cache.put(key, arrays, {"kind": "elements", "geometry": cfg.element_geometry})
         hit = _cached(cache, key) or arrays

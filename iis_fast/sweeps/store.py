@@ -35,7 +35,8 @@ __all__ = ["ResultStore", "StoredRow", "config_hash", "check_export_path", "RESU
            "EXPORT_SUFFIXES", "LEASE_SECONDS"]
 
 #: IISConfig fields that do not change the numbers, left out of the config hash.
-IGNORED_CONFIG_KEYS: tuple[str, ...] = ("progress", "cache_dir", "extract_batch_size", "device")
+IGNORED_CONFIG_KEYS: tuple[str, ...] = ("progress", "cache_dir", "extract_batch_size", "element_batch_size",
+                                         "device")
 
 SCHEMA_VERSION = 2
 RESULT_COLUMNS: tuple[str, ...] = (
