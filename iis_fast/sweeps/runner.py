@@ -7,7 +7,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -138,15 +138,7 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
            score_fn: Callable[..., Any] | str | None, progress: bool, **score_options: Any) -> pd.DataFrame:
     specs = parse_checkpoints(checkpoints, arch)
     run = get_executor(executor)
-    libraries = score_options.pop("library", "prototype")
-    libraries = [libraries] if isinstance(libraries, str) else list(libraries)
-    score_options.pop("progress", None)
-    score_options.setdefault("extract_batch_size", SWEEP_EXTRACT_BATCH_SIZE)
-    # how checkpoints are read: part of each row's settings (an EMA copy is another model), absent when unset so
-    # rows stored without them keep their identity
-    model_opts = {k: score_options.pop(k) for k in ("checkpoint_key", "model_kwargs") if score_options.get(k)}
-    configs = [{**IISConfig.from_options(library=lib, progress=False, **score_options).to_dict(), **model_opts}
-               for lib in libraries]
+    configs = _row_configs(score_options)
     if executor in ("local", "inline"):                 # the device must exist here; Ray/Slurm workers have theirs
         check_device(configs[0]["device"])
     from ..features import default_cache_dir
@@ -154,8 +146,78 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
     n_workers = 1 if executor == "inline" else int(workers or default_workers())
     threads = threads or max(1, default_workers() // n_workers)
 
-    # data: prepared once per distinct preprocessing of the swept architectures
     t0 = time.perf_counter()
+    data_refs = _prepare_data_refs(specs, data, eval_data, cache_dir)
+    t_data = time.perf_counter() - t0
+    plan = _plan(store, specs, configs, data_refs, retry_failed, _score_fn_name(score_fn), threads)
+    tasks = plan.tasks
+    already = len(specs) - len(tasks) - len(plan.unrunnable)
+    stats: dict[str, Any] = {"checkpoints": len(specs), "already_stored": already, "scored": 0, "failed": 0,
+                             "changed": plan.changed, "claimed_elsewhere": 0, "warned": 0,
+                             "data_seconds": round(t_data, 3), **{s: 0.0 for s in STAGES}, "score_seconds": 0.0}
+    for t, err in plan.unrunnable:
+        store.write_checkpoint(failed_rows(t, err))
+        stats["failed"] += 1
+
+    bar = _Bar(progress, len(tasks), already, f"sweep [{executor} x{n_workers}]")
+
+    def claim(task: Task) -> bool:
+        """Lease the task's rows; a task another live sweep is computing (or just stored) is skipped."""
+        keys = [(task.spec.key, c.get("library", "prototype"), h) for h, c in task.configs]
+        ok = store.claim(keys, task.content_hash, retry_failed=retry_failed)
+        if not ok:
+            stats["claimed_elsewhere"] += 1
+            bar.step(stats)
+        return ok
+
+    opts: dict[str, Any] = dict(workers=n_workers, num_gpus=num_gpus, **(executor_options or {}))
+    if chunk_size:
+        opts["chunk_size"] = chunk_size
+    if executor in ("local", "inline"):
+        opts["claim"] = claim                             # claimed one by one, right before each is dispatched
+    else:
+        tasks = [t for t in tasks if claim(t)]            # batch executors submit everything at once
+    heartbeat = _Heartbeat(out, store.owner)
+    results = run(tasks, **opts)
+    try:
+        for task, rows in results:
+            store.write_checkpoint(rows)                        # one transaction per checkpoint
+            _count(stats, rows)
+            bar.step(stats)
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()                                       # stops a pool's workers when interrupted
+        heartbeat.close()
+        store.release_leases()
+        bar.close()
+    stats["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    for k in (*STAGES, "score_seconds"):
+        stats[k] = round(stats[k], 3)
+    if progress:
+        print(_summary(stats), file=sys.stderr)
+    df = store.dataframe(keys=plan.requested)
+    df.attrs["sweep"] = stats
+    return df
+
+
+def _row_configs(score_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One stored config per requested library: the IISConfig as a dict, plus how checkpoints are read."""
+    libraries = score_options.pop("library", "prototype")
+    libraries = [libraries] if isinstance(libraries, str) else list(libraries)
+    score_options.pop("progress", None)
+    score_options.setdefault("extract_batch_size", SWEEP_EXTRACT_BATCH_SIZE)
+    # how checkpoints are read: part of each row's settings (an EMA copy is another model), absent when unset so
+    # rows stored without them keep their identity
+    model_opts = {k: score_options.pop(k) for k in ("checkpoint_key", "model_kwargs") if score_options.get(k)}
+    return [{**IISConfig.from_options(library=lib, progress=False, **score_options).to_dict(), **model_opts}
+            for lib in libraries]
+
+
+def _prepare_data_refs(specs: Sequence[CheckpointSpec], data: Any, eval_data: Any,
+                       cache_dir: str) -> dict[str, DataRef | Exception]:
+    """The prepared data of each swept architecture, prepared once per distinct preprocessing; an unknown model
+    name maps to its error (it fails its checkpoints, not the sweep)."""
     data_refs: dict[str, DataRef | Exception] = {}
     by_pre: dict[str, DataRef] = {}
     for model_name in sorted({s.model for s in specs}):
@@ -165,16 +227,26 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
             if pk not in by_pre:
                 by_pre[pk] = prepare_data(data, pre, cache_dir, eval_data)
             data_refs[model_name] = by_pre[pk]
-        except IISInputError as e:       # an unknown model name fails its checkpoints, not the sweep
+        except IISInputError as e:
             data_refs[model_name] = e
-    t_data = time.perf_counter() - t0
+    return data_refs
 
+
+class _Plan(NamedTuple):
+    tasks: list[Task]                       # checkpoints with rows to compute
+    unrunnable: list[tuple[Task, str]]      # checkpoints whose model cannot be built, with the error
+    requested: list[tuple[str, str, str]]   # every (checkpoint, library, config hash) the result table shows
+    changed: int                            # rows re-scored because the checkpoint file changed
+
+
+def _plan(store: ResultStore, specs: Sequence[CheckpointSpec], configs: list[dict[str, Any]],
+          data_refs: dict[str, DataRef | Exception], retry_failed: bool, fn_name: str | None,
+          threads: int) -> _Plan:
+    """Which (checkpoint, config) rows need computing: not stored, failed with ``retry_failed``, or stored for
+    an earlier version of the file."""
     stored = store.stored()
-    requested: list[tuple[str, str, str]] = []
-    tasks: list[Task] = []
-    unrunnable: list[tuple[Task, str]] = []
+    plan = _Plan([], [], [], 0)
     changed = 0
-    fn_name = _score_fn_name(score_fn)
     for spec in specs:
         ref = data_refs[spec.model]
         key = ref.key if isinstance(ref, DataRef) else "unresolved"
@@ -183,7 +255,7 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
         for cfg in configs:
             h = config_hash(cfg, key)
             k3 = (spec.key, cfg["library"], h)
-            requested.append(k3)
+            plan.requested.append(k3)
             row = stored.get(k3)
             if row is not None and row.content_hash is None and _unchanged_since(spec.path, row.created_at):
                 store.adopt_content_hash(k3, content)
@@ -197,82 +269,53 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
             continue
         if isinstance(ref, Exception):
             dummy = Task(spec, todo, DataRef("none", key), content_hash=content)
-            unrunnable.append((dummy, f"{type(ref).__name__}: {ref}"))
+            plan.unrunnable.append((dummy, f"{type(ref).__name__}: {ref}"))
         else:
-            tasks.append(Task(spec, todo, ref, fn_name, threads, content_hash=content))
+            plan.tasks.append(Task(spec, todo, ref, fn_name, threads, content_hash=content))
+    return plan._replace(changed=changed)
 
-    already = len(specs) - len(tasks) - len(unrunnable)
-    stats: dict[str, Any] = {"checkpoints": len(specs), "already_stored": already, "scored": 0, "failed": 0,
-                             "changed": changed, "claimed_elsewhere": 0, "warned": 0, "data_seconds": round(t_data, 3),
-                             **{s: 0.0 for s in STAGES}, "score_seconds": 0.0}
-    for t, err in unrunnable:
-        store.write_checkpoint(failed_rows(t, err))
-        stats["failed"] += 1
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(tasks), unit="ckpt", desc=f"sweep [{executor} x{n_workers}]", file=sys.stderr,
-                   dynamic_ncols=True)
-        bar.set_postfix_str(f"done 0 failed 0 remaining {len(tasks)} (skipped {already} stored)")
+def _count(stats: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Add one finished checkpoint's rows to the run's counts and stage seconds."""
+    ok = all(r["status"] == "ok" for r in rows)
+    stats["scored" if ok else "failed"] += 1
+    stats["warned"] += sum(1 for r in rows if r.get("warnings"))
+    for r in rows:
+        for s in STAGES:
+            stats[s] += float(r.get(s) or 0.0)
+        stats["score_seconds"] += float(r.get("seconds") or 0.0)
 
-    def claim(task: Task) -> bool:
-        """Lease the task's rows; a task another live sweep is computing (or just stored) is skipped."""
-        keys = [(task.spec.key, c.get("library", "prototype"), h) for h, c in task.configs]
-        ok = store.claim(keys, task.content_hash, retry_failed=retry_failed)
-        if not ok:
-            stats["claimed_elsewhere"] += 1
-            if bar is not None:
-                bar.update(1)
-        return ok
 
-    opts: dict[str, Any] = dict(workers=n_workers, num_gpus=num_gpus, **(executor_options or {}))
-    if chunk_size:
-        opts["chunk_size"] = chunk_size
-    if executor in ("local", "inline"):
-        opts["claim"] = claim                             # claimed one by one, right before each is dispatched
-    else:
-        tasks = [t for t in tasks if claim(t)]            # batch executors submit everything at once
-    heartbeat = _Heartbeat(out, store.owner)
-    finished = 0
-    results = run(tasks, **opts)
-    try:
-        for task, rows in results:
-            store.write_checkpoint(rows)                        # one transaction per checkpoint
-            finished += 1
-            ok = all(r["status"] == "ok" for r in rows)
-            stats["scored" if ok else "failed"] += 1
-            stats["warned"] += sum(1 for r in rows if r.get("warnings"))
-            for r in rows:
-                for s in STAGES:
-                    stats[s] += float(r.get(s) or 0.0)
-                stats["score_seconds"] += float(r.get("seconds") or 0.0)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"done {stats['scored']} failed {stats['failed']} remaining "
-                                    f"{len(tasks) - finished - stats['claimed_elsewhere']} (skipped {already} stored)")
-    finally:
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()                                       # stops a pool's workers when interrupted
-        heartbeat.close()
-        store.release_leases()
-        if bar is not None:
-            bar.close()
-    stats["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-    for k in (*STAGES, "score_seconds"):
-        stats[k] = round(stats[k], 3)
-    if progress:
-        n = max(1, stats["scored"] + stats["failed"])
-        stages = ", ".join(f"{s[2:]} {stats[s]:.1f}s ({stats[s] / n:.2f}s/ckpt)" for s in STAGES)
-        extra = "".join([f", {changed} row(s) re-scored because the file changed" if changed else "",
-                         f", {stats['warned']} row(s) with warnings (see the warnings column)"
-                         if stats["warned"] else "",
-                         f", {stats['claimed_elsewhere']} being scored by another sweep"
-                         if stats["claimed_elsewhere"] else ""])
-        print(f"sweep: {stats['scored']} scored, {stats['failed']} failed, {already} already stored{extra}, "
-              f"{stats['wall_seconds']:.1f}s wall; data prep {t_data:.1f}s; stages (summed over workers): {stages}",
-              file=sys.stderr)
-    df = store.dataframe(keys=requested)
-    df.attrs["sweep"] = stats
-    return df
+class _Bar:
+    """The sweep's progress bar (stderr), or nothing when ``progress`` is off."""
+
+    def __init__(self, progress: bool, total: int, already: int, desc: str) -> None:
+        self.total, self.already, self.bar = total, already, None
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, unit="ckpt", desc=desc, file=sys.stderr, dynamic_ncols=True)
+            self.bar.set_postfix_str(f"done 0 failed 0 remaining {total} (skipped {already} stored)")
+
+    def step(self, stats: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)              # a checkpoint finished, or found claimed by another sweep
+            self.bar.set_postfix_str(f"done {stats['scored']} failed {stats['failed']} remaining "
+                                     f"{self.total - self.bar.n} "
+                                     f"(skipped {self.already} stored)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(stats: dict[str, Any]) -> str:
+    """The one-line account a sweep prints at its end."""
+    n = max(1, stats["scored"] + stats["failed"])
+    stages = ", ".join(f"{s[2:]} {stats[s]:.1f}s ({stats[s] / n:.2f}s/ckpt)" for s in STAGES)
+    extra = "".join([f", {stats['changed']} row(s) re-scored because the file changed" if stats["changed"] else "",
+                     f", {stats['warned']} row(s) with warnings (see the warnings column)" if stats["warned"] else "",
+                     f", {stats['claimed_elsewhere']} being scored by another sweep"
+                     if stats["claimed_elsewhere"] else ""])
+    return (f"sweep: {stats['scored']} scored, {stats['failed']} failed, {stats['already_stored']} already stored"
+            f"{extra}, {stats['wall_seconds']:.1f}s wall; data prep {stats['data_seconds']:.1f}s; stages (summed over "
+            f"workers): {stages}")
