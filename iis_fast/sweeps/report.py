@@ -37,6 +37,8 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "spearman
     """Percentile bootstrap confidence interval of a correlation (pairs resampled with replacement).
 
     Resamples where a variable is constant are dropped. Returns (nan, nan) for fewer than 3 pairs.
+    Written here rather than with ``scipy.stats.bootstrap``: scipy returns a nan interval as soon as one resample
+    is degenerate, which a sweep of a handful of checkpoints hits routinely.
     """
     from scipy.stats import rankdata
 
@@ -136,7 +138,6 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
     """
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     db = Path(db)
     out = Path(out_dir) if out_dir is not None else db.with_name(db.stem + "_report")
@@ -146,99 +147,129 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
     failed = all_rows[all_rows["status"] == "failed"] if not all_rows.empty else all_rows
     rep = Report(table=ok, text="")
     lines = [f"{db}: {len(ok)} ok, {len(failed)} failed"]
-    files: dict[str, str] = {}
     if not ok.empty:
         all_rows.to_csv(out / "results.csv", index=False)
-        files["csv"] = str(out / "results.csv")
-        shown = _short(ok)
-        lines.append(shown.to_string(index=False, max_rows=max_rows, float_format=lambda v: f"{v:.4f}"))
-        has_step = ok["step"].notna().all() and ok["step"].nunique() > 1
+        rep.files["csv"] = str(out / "results.csv")
+        lines.append(_short(ok).to_string(index=False, max_rows=max_rows, float_format=lambda v: f"{v:.4f}"))
+        has_step = bool(ok["step"].notna().all() and ok["step"].nunique() > 1)
         libs = list(dict.fromkeys(ok["library"]))
-        # --- IIS vs acc_std
-        fig, axes = plt.subplots(1, len(libs), figsize=(6.2 * len(libs), 5), squeeze=False)
-        for ax, lib in zip(axes[0], libs):
+        for lib in libs:
             d = ok[ok["library"] == lib]
-            c = correlations(d["acc_std"], d["iis"], n_boot=n_boot, seed=seed)
-            rep.correlation[lib] = c
-            lines.append(f"[{lib}] IIS vs acc_std: {_fmt_corr(c)}")
+            rep.correlation[lib] = correlations(d["acc_std"], d["iis"], n_boot=n_boot, seed=seed)
+            lines.append(f"[{lib}] IIS vs acc_std: {_fmt_corr(rep.correlation[lib])}")
             if has_step:
-                cs = correlations(d["step"], d["iis"], n_boot=n_boot, seed=seed)
-                rep.correlation_step[lib] = cs
-                lines.append(f"[{lib}] IIS vs training step: {_fmt_corr(cs)}")
-            sc = ax.scatter(d["acc_std"], d["iis"], c=d["step"] if has_step else "tab:blue", cmap="viridis",
-                            s=22, edgecolor="k", linewidth=0.3)
-            if has_step:
-                fig.colorbar(sc, ax=ax, label="training step")
-            ax.set_xlabel("acc_std (linear probe accuracy on the representation)")
-            ax.set_ylabel("IIS")
-            ax.set_title(f"{lib}: Spearman ρ={c['spearman']:.2f} [{c['spearman_ci'][0]:.2f}, {c['spearman_ci'][1]:.2f}]\n"
-                         f"Pearson r={c['pearson']:.2f} [{c['pearson_ci'][0]:.2f}, {c['pearson_ci'][1]:.2f}], n={c['n']}",
-                         fontsize=10)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "iis_vs_acc.png", dpi=110)
-        plt.close(fig)
-        files["iis_vs_acc"] = str(out / "iis_vs_acc.png")
-        # --- ARR curves
-        fig, axes = plt.subplots(1, len(libs), figsize=(6.2 * len(libs), 5), squeeze=False)
-        for ax, lib in zip(axes[0], libs):
-            d = ok[ok["library"] == lib]
-            steps = d["step"].to_numpy(dtype=float) if has_step else np.arange(len(d), dtype=float)
-            norm = matplotlib.colors.Normalize(vmin=np.nanmin(steps), vmax=max(np.nanmax(steps), np.nanmin(steps) + 1))
-            cmap = matplotlib.colormaps["viridis"]
-            for rj, st in zip(d["result_json"], steps):
-                r = json.loads(rj)
-                order = np.argsort(r["sparsities"])
-                ax.plot(np.asarray(r["sparsities"])[order], np.asarray(r["arr"])[order], color=cmap(norm(st)),
-                        alpha=0.7, lw=1, marker="o", ms=2)
-            fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
-                         label="training step" if has_step else "checkpoint #")
-            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.set_xlabel("sparsity s")
-            ax.set_ylabel("ARR(s) = acc_s / acc_std")
-            ax.set_title(f"{lib}: accuracy retention vs sparsity ({len(d)} checkpoints)", fontsize=10)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "arr_curves.png", dpi=110)
-        plt.close(fig)
-        files["arr_curves"] = str(out / "arr_curves.png")
-        # --- trajectory
+                rep.correlation_step[lib] = correlations(d["step"], d["iis"], n_boot=n_boot, seed=seed)
+                lines.append(f"[{lib}] IIS vs training step: {_fmt_corr(rep.correlation_step[lib])}")
+        rep.files["iis_vs_acc"] = _plot_iis_vs_acc(ok, libs, has_step, rep.correlation, out / "iis_vs_acc.png")
+        rep.files["arr_curves"] = _plot_arr_curves(ok, libs, has_step, out / "arr_curves.png")
         if has_step:
-            fig, axes = plt.subplots(1, len(libs), figsize=(6.8 * len(libs), 5), squeeze=False)
-            for ax, lib in zip(axes[0], libs):
-                d = ok[ok["library"] == lib].sort_values("step")
-                ax.plot(d["step"], d["iis"], color="tab:red", marker="o", ms=3, lw=1.2, label="IIS")
-                ax.set_xlabel("training step")
-                ax.set_ylabel("IIS", color="tab:red")
-                ax2 = ax.twinx()
-                ax2.plot(d["step"], d["acc_std"], color="tab:blue", marker="s", ms=3, lw=1.2,
-                         label="acc_std (probe)")
-                if "meta.test_acc" in d and d["meta.test_acc"].notna().any():
-                    ax2.plot(d["step"], d["meta.test_acc"], color="tab:green", lw=1.2, ls="--",
-                             label="model test accuracy")
-                ax2.set_ylabel("accuracy", color="tab:blue")
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=9)
-                cs = rep.correlation_step.get(lib)
-                ax.set_title(f"{lib}: IIS and accuracy over training"
-                             + (f" (Spearman ρ(IIS, step)={cs['spearman']:.2f})" if cs else ""), fontsize=10)
-                ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out / "trajectory.png", dpi=110)
-            plt.close(fig)
-            files["trajectory"] = str(out / "trajectory.png")
+            rep.files["trajectory"] = _plot_trajectory(ok, libs, rep.correlation_step, out / "trajectory.png")
+    lines += _problem_lines(ok, failed)
+    rep.text = "\n".join(lines)
+    (out / "report.html").write_text(_html(db, ok, failed, rep))
+    rep.files["html"] = str(out / "report.html")
+    return rep
+
+
+def _panels(n: int, width: float = 6.2) -> tuple[Any, Any]:
+    """A figure with one panel per library."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 5), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _plot_iis_vs_acc(ok: pd.DataFrame, libs: list[str], has_step: bool, corr: dict[str, dict[str, Any]],
+                     path: Path) -> str:
+    """IIS against acc_std, one point per checkpoint, coloured by step, titled with the correlations."""
+    fig, axes = _panels(len(libs))
+    for ax, lib in zip(axes, libs):
+        d, c = ok[ok["library"] == lib], corr[lib]
+        sc = ax.scatter(d["acc_std"], d["iis"], c=d["step"] if has_step else "tab:blue", cmap="viridis",
+                        s=22, edgecolor="k", linewidth=0.3)
+        if has_step:
+            fig.colorbar(sc, ax=ax, label="training step")
+        ax.set_xlabel("acc_std (linear probe accuracy on the representation)")
+        ax.set_ylabel("IIS")
+        ax.set_title(f"{lib}: Spearman ρ={c['spearman']:.2f} [{c['spearman_ci'][0]:.2f}, {c['spearman_ci'][1]:.2f}]\n"
+                     f"Pearson r={c['pearson']:.2f} [{c['pearson_ci'][0]:.2f}, {c['pearson_ci'][1]:.2f}], n={c['n']}",
+                     fontsize=10)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_arr_curves(ok: pd.DataFrame, libs: list[str], has_step: bool, path: Path) -> str:
+    """ARR(s) = acc_s / acc_std against sparsity, one curve per checkpoint, coloured by step."""
+    import matplotlib
+    fig, axes = _panels(len(libs))
+    cmap = matplotlib.colormaps["viridis"]
+    for ax, lib in zip(axes, libs):
+        d = ok[ok["library"] == lib]
+        steps = d["step"].to_numpy(dtype=float) if has_step else np.arange(len(d), dtype=float)
+        norm = matplotlib.colors.Normalize(vmin=np.nanmin(steps), vmax=max(np.nanmax(steps), np.nanmin(steps) + 1))
+        for rj, st in zip(d["result_json"], steps):
+            r = json.loads(rj)
+            order = np.argsort(r["sparsities"])
+            ax.plot(np.asarray(r["sparsities"])[order], np.asarray(r["arr"])[order], color=cmap(norm(st)),
+                    alpha=0.7, lw=1, marker="o", ms=2)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax,
+                     label="training step" if has_step else "checkpoint #")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("sparsity s")
+        ax.set_ylabel("ARR(s) = acc_s / acc_std")
+        ax.set_title(f"{lib}: accuracy retention vs sparsity ({len(d)} checkpoints)", fontsize=10)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _plot_trajectory(ok: pd.DataFrame, libs: list[str], corr_step: dict[str, dict[str, Any]], path: Path) -> str:
+    """IIS, acc_std and (when the checkpoints carry it) the model's own test accuracy against training step."""
+    fig, axes = _panels(len(libs), width=6.8)
+    for ax, lib in zip(axes, libs):
+        d = ok[ok["library"] == lib].sort_values("step")
+        ax.plot(d["step"], d["iis"], color="tab:red", marker="o", ms=3, lw=1.2, label="IIS")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("IIS", color="tab:red")
+        ax2 = ax.twinx()
+        ax2.plot(d["step"], d["acc_std"], color="tab:blue", marker="s", ms=3, lw=1.2, label="acc_std (probe)")
+        if "meta.test_acc" in d and d["meta.test_acc"].notna().any():
+            ax2.plot(d["step"], d["meta.test_acc"], color="tab:green", lw=1.2, ls="--", label="model test accuracy")
+        ax2.set_ylabel("accuracy", color="tab:blue")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=9)
+        cs = corr_step.get(lib)
+        ax.set_title(f"{lib}: IIS and accuracy over training"
+                     + (f" (Spearman ρ(IIS, step)={cs['spearman']:.2f})" if cs else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _problem_lines(ok: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
+    """Console lines for rows with warnings (e.g. acc_std at chance: that row's IIS measures nothing) and
+    failed rows, one line each."""
+    lines: list[str] = []
     warned = ok[ok["warnings"].fillna("").astype(str) != ""] if "warnings" in ok.columns else ok.iloc[:0]
-    if not warned.empty:                  # e.g. acc_std at chance level: that row's IIS measures nothing
+    if not warned.empty:
         lines.append(f"warnings ({len(warned)}):")
-        for p, w in zip(warned["path"], warned["warnings"]):
-            lines.append(f"  {os.path.basename(str(p))}: {str(w).splitlines()[0]}")
+        lines += [f"  {os.path.basename(str(p))}: {str(w).splitlines()[0]}"
+                  for p, w in zip(warned["path"], warned["warnings"])]
     if not failed.empty:
         lines.append(f"failed ({len(failed)}):")
-        for p, e in zip(failed["path"], failed["error"]):
-            lines.append(f"  {os.path.basename(str(p))}: {str(e).splitlines()[0] if e else ''}")
-    rep.text = "\n".join(lines)
-    # --- HTML
+        lines += [f"  {os.path.basename(str(p))}: {str(e).splitlines()[0] if e else ''}"
+                  for p, e in zip(failed["path"], failed["error"])]
+    return lines
+
+
+def _html(db: Path, ok: pd.DataFrame, failed: pd.DataFrame, rep: Report) -> str:
+    """report.html: the correlations, the plots, the table and the failures."""
     parts = [f"<html><head><meta charset='utf-8'><title>IIS sweep report: {html.escape(db.name)}</title>"
              "<style>body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} img{max-width:100%}</style></head><body>",
@@ -248,14 +279,11 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
     for lib, c in rep.correlation_step.items():
         parts.append(f"<p><b>{html.escape(lib)}</b>, IIS vs training step: {html.escape(_fmt_corr(c))}</p>")
     for key in ("iis_vs_acc", "arr_curves", "trajectory"):
-        if key in files:
-            parts.append(f"<p><img src='{Path(files[key]).name}'></p>")
+        if key in rep.files:
+            parts.append(f"<p><img src='{Path(rep.files[key]).name}'></p>")
     if not ok.empty:
         parts.append(_short(ok).to_html(index=False, float_format=lambda v: f"{v:.4f}"))
     if not failed.empty:
         parts.append("<h2>Failed</h2>" + failed[["path", "library", "error"]].to_html(index=False))
     parts.append("</body></html>")
-    (out / "report.html").write_text("\n".join(parts))
-    files["html"] = str(out / "report.html")
-    rep.files = files
-    return rep
+    return "\n".join(parts)
