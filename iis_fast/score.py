@@ -9,35 +9,13 @@ import numpy as np
 import torch
 
 from .config import IISConfig
+from .data.sampling import stratified_split
 from .errors import IISInputError
 from .backends.common import AssignmentSpec, GridSpec, best_epoch_choice
 from .backends import get_trainer
 from .result import IISResult, chance_warning, iis_from_curve, warn_all
 from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes, check_device, \
     check_images_per_class, expect_channels, infer_num_classes, input_channels
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int, protect: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic per-class split: (kept indices, held-out indices), both sorted.
-
-    Each class gives round(fraction * n_c) samples (at least 1 when it has 2 or more) chosen with `seed`;
-    indices in `protect` (e.g. concept-source images) are never held out.
-    """
-    rng = np.random.default_rng(seed)
-    protected = np.zeros(len(labels), dtype=bool)
-    if protect is not None:
-        protected[protect] = True
-    held = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero((labels == c) & ~protected)
-        n_c = int((labels == c).sum())
-        take = min(len(idx), max(1 if n_c >= 2 else 0, int(round(fraction * n_c))))
-        if take:
-            held.append(np.sort(rng.choice(idx, size=take, replace=False)))
-    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(labels)), held_idx)
-    return keep, held_idx
 
 
 def library_versions() -> dict[str, str]:

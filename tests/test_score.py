@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from iis_fast import IISInputError
 from iis_fast.features import representation_fn
 from iis_fast.result import IISResult, iis_from_curve
-from iis_fast.score import score, score_features, stratified_split
+from iis_fast.data.sampling import stratified_split
+from iis_fast.score import score, score_features
 
 FAST = dict(epochs=3, batch_size=64, progress=False)
 
