@@ -117,10 +117,12 @@ inline void count6(const float* az, int Mp, const float* cut, int* cnt) {
   cnt[0] = hsum_epi32(a0); cnt[1] = hsum_epi32(a1); cnt[2] = hsum_epi32(a2);
   cnt[3] = hsum_epi32(a3); cnt[4] = hsum_epi32(a4); cnt[5] = hsum_epi32(a5);
 #else
-  int c[NCUT] = {0, 0, 0, 0, 0, 0};
-  for (int j = 0; j < Mp; ++j)
-    for (int q = 0; q < NCUT; ++q) c[q] += az[j] <= cut[q];
-  for (int q = 0; q < NCUT; ++q) cnt[q] = c[q];
+  for (int q = 0; q < NCUT; ++q) {  // one pass per cut: each a loop the compiler vectorises
+    const float t = cut[q];
+    int c = 0;
+    for (int j = 0; j < Mp; ++j) c += az[j] <= t;
+    cnt[q] = c;
+  }
 #endif
 }
 
@@ -140,13 +142,15 @@ inline int gather_window(const float* az, int Mp, float a, float b, float* cand,
   }
   if (below) *below = hsum_epi32(cl);
 #else
-  int c = 0;
+  if (below) {  // a loop the compiler vectorises
+    int c = 0;
+    for (int j = 0; j < Mp; ++j) c += az[j] <= a;
+    *below = c;
+  }
   for (int j = 0; j < Mp; ++j) {  // branch-free
-    c += az[j] <= a;
     cand[nc] = az[j];
     nc += (az[j] > a) & (az[j] <= b);
   }
-  if (below) *below = c;
 #endif
   return nc;
 }
