@@ -17,7 +17,7 @@ LIBRARIES = ("prototype", "cluster", "end2end", "text")
 BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 #: Fields that hold whole numbers: 2.5 epochs is refused, 30.0 is read as 30.
 INT_FIELDS: tuple[str, ...] = ("num_concepts", "epochs", "batch_size", "seed", "images_per_class", "max_elements",
-                               "extract_batch_size", "element_batch_size")
+                               "extract_batch_size", "element_batch_size", "repeats", "bootstrap")
 
 
 def whole_number(name: str, value: Any) -> int:
@@ -84,6 +84,15 @@ class IISConfig:
     selection: str = option("eval", "split the best epoch and lr are picked on: eval (as the official code) or "
                             "holdout (a part of TRAIN)", choices=("eval", "holdout"))
     selection_fraction: float = option(0.1, "share of TRAIN held out when selection is holdout")
+    repeats: int = option(1, "independent grids (own head initialisation and batch order; same features and "
+                          "concepts) trained in one pass: IIS is their mean, with its standard deviation and a "
+                          "confidence interval (docs/spec.md §1.10)")
+    bootstrap: int = option(1000, "resamples of the evaluation-sample bootstrap interval of IIS (0: none; no "
+                            "retraining)")
+    confidence: float = option(0.95, "level of the seed and bootstrap intervals")
+    selection_check: bool = option(False, "also train the grid(s) on TRAIN minus a held-out selection_fraction and "
+                                   "report the IIS with epoch and lr chosen on that held-out part: how optimistic "
+                                   "selecting on the evaluation split is (one more grid per repeat)")
     eval_fraction: float = option(0.2, "share of the data held out for evaluation when no eval data is given")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:1, ...")
     dtype: str = option("float32", "storage dtype of cached features (compute is float32)", choices=DTYPES)
@@ -157,7 +166,11 @@ class IISConfig:
                 raise IISInputError(f"{name}={getattr(self, name)}: must be a positive integer")
         if self.extract_dtype not in DTYPES:           # "auto" is resolved in __post_init__
             raise IISInputError(f"extract_dtype={self.extract_dtype!r}: choose one of {('auto',) + DTYPES}")
-        for frac in ("selection_fraction", "eval_fraction"):
+        if self.repeats < 1:
+            raise IISInputError(f"repeats={self.repeats}: must be >= 1 (the number of independent grids)")
+        if self.bootstrap < 0:
+            raise IISInputError(f"bootstrap={self.bootstrap}: must be >= 0 (0 turns the bootstrap off)")
+        for frac in ("selection_fraction", "eval_fraction", "confidence"):
             if not (0.0 < getattr(self, frac) < 1.0):
                 raise IISInputError(f"{frac}={getattr(self, frac)}: must be in (0, 1)")
 

@@ -75,6 +75,10 @@ class IISResult:
     timings: dict[str, float] = field(default_factory=dict)
     model: str = ""
     warnings: list[str] = field(default_factory=list)   # why the numbers may not mean what they seem (empty: none)
+    # error bars (docs/spec.md §1.10, iis_fast.uncertainty): per-repeat values and, with repeats >= 2, their sd and
+    # interval ("iis_sd", "iis_ci", per sparsity "acc_ci", "arr_ci"); "bootstrap" (evaluation samples) and
+    # "selection" (epoch and lr chosen on a held-out part of TRAIN) when computed
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,9 +11,10 @@ import torch
 from .config import IISConfig
 from .data.sampling import stratified_split
 from .errors import IISInputError
-from .backends.common import AssignmentSpec, GridSpec, best_epoch_choice
+from .backends.common import AssignmentSpec, GridSpec, repeat_seeds
 from .backends import get_trainer
-from .result import IISResult, chance_warning, iis_from_curve, warn_all
+from .result import IISResult, chance_warning, iis_from_curve, warn_all  # noqa: F401 (tests import it here)
+from .uncertainty import summarize
 from .validation import tensor_from_numpy, as_concepts, as_features, as_labels, check_classes, check_device, \
     check_images_per_class, expect_channels, infer_num_classes, input_channels
 
@@ -87,15 +88,17 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     eval_sets = [(to(a), to(b)) for a, b in eval_sets]
 
     spec = GridSpec(num_classes=k, sparsities=cfg.sparsities, lrs=cfg.lrs, epochs=cfg.epochs,
-                    batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, seed=cfg.seed, assignment=assignment)
+                    batch_size=cfg.batch_size, lr_decay=cfg.lr_decay, seed=cfg.seed, assignment=assignment,
+                    seeds=repeat_seeds(cfg.seed, cfg.repeats) if cfg.repeats > 1 else None)
     backend, trainer = get_trainer(cfg.backend, cfg.device, end2end=assignment is not None)
     stats["validate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.epochs * len(cfg.lrs) * (1 + len(cfg.sparsities)), unit="head-epoch",
-                   desc=f"training {len(cfg.lrs) * (1 + len(cfg.sparsities))} heads [{backend}]", leave=False)
+        n_heads = cfg.repeats * len(cfg.lrs) * (1 + len(cfg.sparsities))
+        bar = tqdm(total=cfg.epochs * n_heads, unit="head-epoch", desc=f"training {n_heads} heads [{backend}]",
+                   leave=False)
     try:
         out = trainer(x_tr, y_tr, eval_sets, c.to(device), spec, progress=bar)
     finally:
@@ -103,15 +106,22 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
             bar.close()
     stats["train"] = time.perf_counter() - t1
 
-    # best epoch chosen on the selection set (index 0), reported on the eval set (last index)
-    best_p, _ = best_epoch_choice(out.probe_acc[0])                   # [L]
-    best_h, _ = best_epoch_choice(out.head_acc[0])                    # [S, L]
-    rep_p = np.take_along_axis(out.probe_acc[-1], best_p[:, None], -1)[:, 0]
-    rep_h = np.take_along_axis(out.head_acc[-1], best_h[..., None], -1)[..., 0]
-    acc_std = float(rep_p.max())
-    acc = [float(v) for v in rep_h.max(axis=1)]
-    arr = [a / acc_std if acc_std > 0 else 0.0 for a in acc]
-    iis = iis_from_curve(cfg.sparsities, arr)
+    check = None
+    if cfg.selection_check and cfg.selection == "eval":    # the same grids on TRAIN minus a held-out part
+        t1 = time.perf_counter()
+        keep, sel = stratified_split(train_y.numpy(), cfg.selection_fraction, cfg.seed)
+        check = trainer(to(train_x[keep]), to(train_y[keep]), [(to(train_x[sel]), to(train_y[sel])), eval_sets[-1]],
+                        c.to(device), spec)
+        stats["train_selection_check"] = time.perf_counter() - t1
+
+    # best epoch and lr chosen on the selection set (index 0), reported on the eval set (last index), per grid;
+    # the per-lr fields are the first grid's (seed), the headline numbers the mean over the grids
+    uncertainty, sels = summarize(out, check, spec, cfg)
+    best_p, best_h, rep_p, rep_h = sels[0].best_p, sels[0].best_h, sels[0].rep_p, sels[0].rep_h
+    acc_std = float(np.mean(uncertainty["acc_std_repeats"]))
+    acc = [float(v) for v in np.mean(uncertainty["acc_repeats"], axis=0)]
+    arr = [float(v) for v in np.mean(uncertainty["arr_repeats"], axis=0)]
+    iis = float(np.mean(uncertainty["iis_repeats"]))
     notes = [w for w in (chance_warning(acc_std, iis, eval_y.numpy(), k),) if w]
     warn_all(notes)
     return IISResult(
@@ -121,7 +131,7 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
         seed=cfg.seed, backend=backend, eval_split=meta.get("eval_split", "eval"), selection_split=selection_split,
         n_train=int(x_tr.shape[0]), n_eval=int(eval_x.shape[0]), num_classes=k, feature_dim=int(train_x.shape[1]),
         config=cfg.to_dict(), versions=library_versions(), timings={k_: round(v, 4) for k_, v in stats.items()},
-        model=meta.get("model", ""), warnings=notes,
+        model=meta.get("model", ""), warnings=notes, uncertainty=uncertainty,
     )
 
 

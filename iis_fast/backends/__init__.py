@@ -2,7 +2,9 @@
 
 Callers ask :func:`get_trainer` for a name (or "auto") and never branch on which backend ran. A backend
 registers a trainer ``fn(x, y, eval_sets, concepts, spec, progress=None) -> GridOutput`` with an availability
-check and a speed rank; "auto" picks the fastest available one for the device.
+check and a speed rank; "auto" picks the fastest available one for the device. A backend that trains repeated
+grids (``GridSpec.seeds``) in one fused pass says so (``repeats=True``); for the others, and for end2end grids,
+:func:`get_trainer`'s trainer runs one call per seed and stacks the outputs, so every caller sees one interface.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class Backend:
     available: Callable[[str], tuple[bool, str]]   # device -> (ok, reason if not)
     rank: int                                       # lower is faster; "auto" takes the lowest available
     end2end: bool = False                           # trains end2end grids (per-head concepts, docs/spec.md §1.2)
+    repeats: bool = False                           # trains GridSpec.seeds (fixed-library grids) in one fused pass
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -26,8 +29,8 @@ _LOADED = False
 
 
 def register_backend(name: str, trainer: Callable, available: Callable[[str], tuple[bool, str]], rank: int,
-                     end2end: bool = False) -> None:
-    _REGISTRY[name] = Backend(name, trainer, available, rank, end2end)
+                     end2end: bool = False, repeats: bool = False) -> None:
+    _REGISTRY[name] = Backend(name, trainer, available, rank, end2end, repeats)
 
 
 def _load_builtin() -> None:
@@ -39,7 +42,7 @@ def _load_builtin() -> None:
     from .reference import train_grid_reference
     from .torch import train_grid_torch
     register_backend("reference", train_grid_reference, lambda device: (True, ""), rank=100, end2end=True)
-    register_backend("torch", train_grid_torch, lambda device: (True, ""), rank=50, end2end=True)
+    register_backend("torch", train_grid_torch, lambda device: (True, ""), rank=50, end2end=True, repeats=True)
     # Fused backends register themselves from their own modules if they import.
     for mod in ("iis_fast.backends.cpp", "iis_fast.backends.triton"):
         try:
@@ -81,5 +84,13 @@ def resolve_backend(name: str, device: str = "cpu", end2end: bool = False) -> Ba
 
 
 def get_trainer(name: str, device: str = "cpu", end2end: bool = False) -> tuple[str, Callable]:
+    """The backend's name and its trainer, which accepts repeated specs (``GridSpec.seeds``) whatever the backend."""
     b = resolve_backend(name, device, end2end)
-    return b.name, b.trainer
+
+    def trainer(x, y, eval_sets, concepts, spec, progress=None):
+        if spec.seeds is None or (b.repeats and spec.assignment is None):
+            return b.trainer(x, y, eval_sets, concepts, spec, progress=progress)
+        from .common import stack_outputs
+        return stack_outputs([b.trainer(x, y, eval_sets, concepts, spec.single(s), progress=progress)
+                              for s in spec.seeds], b.name)
+    return b.name, trainer

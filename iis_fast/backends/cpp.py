@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import IISInputError
-from .torch import GridParams
-from .common import GridOutput, GridSpec, train_epochs
+from .torch import GridParams, finish_snapshot
+from .common import BestSnapshot, GridOutput, GridSpec, train_epochs
 from . import register_backend
 
 from .cpu_level import load_extension
@@ -103,6 +103,7 @@ class CppGrid:
             self.moments["m_" + n] = self._to_c(n, m)
             self.moments["v_" + n] = self._to_c(n, v)
         ks = np.ascontiguousarray(p.kidx.cpu().numpy(), dtype=np.int64)
+        self.grid_ks = ks
         self.grid = _C.Grid(self.params, self.moments, ks,
                             np.ascontiguousarray(p.lr_probe.numpy(), dtype=np.float64),
                             np.ascontiguousarray(p.lr_head.numpy(), dtype=np.float64))
@@ -170,19 +171,37 @@ def train_grid_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch
     ahat = project(xs, cs)
     ahat_e = [project(ex, cs) for ex, _ in evals]
     t2 = time.perf_counter()
-    g = CppGrid(d, cs.shape[0], spec)
+    # Repeats: one C++ grid per seed, stepped in the same pass over batches and sharing the projections above
+    # (they depend on no trainable parameter); each grid gets its own rows of the [R, B] batch.
+    grids = [CppGrid(d, cs.shape[0], spec.single(seed)) for seed in spec.grid_seeds()]
 
     def step(idx: np.ndarray, lr_scale: float) -> None:
-        g.grid.step(xs, ahat, ys, idx, lr_scale, None)
+        if idx.ndim == 1:
+            grids[0].grid.step(xs, ahat, ys, idx, lr_scale, None)
+            return
+        for g, rows in zip(grids, idx):
+            g.grid.step(xs, ahat, ys, np.ascontiguousarray(rows), lr_scale, None)
 
     def evaluate(j: int):
         (ex, ey), ae = evals[j], ahat_e[j]
-        return g.evaluate(ex, ae, ey)
+        accs = [g.evaluate(ex, ae, ey) for g in grids]
+        return np.concatenate([a for a, _ in accs]), np.concatenate([h for _, h in accs])
 
+    def params() -> dict[str, torch.Tensor]:
+        tensors = [g.tensors() for g in grids]
+        return {n: torch.cat([t[n] for t in tensors]) for n in CppGrid.NAMES}
+
+    snapshot = BestSnapshot(params)
     probe_acc, head_acc, timings = train_epochs(n, spec, len(evals), step, evaluate, progress=progress,
-                                                prepare_order=lambda o: o.numpy())
-    timings.update(prepare=t1 - t0, project=t2 - t1, total=time.perf_counter() - t0)
-    return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
+                                                prepare_order=lambda o: o.numpy(), snapshot=snapshot)
+    t3 = time.perf_counter()
+    kidx = torch.from_numpy(np.tile(grids[0].grid_ks, len(grids)))
+    out = GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
+    finish_snapshot(out, snapshot, kidx, torch.from_numpy(cs), (torch.from_numpy(evals[-1][0]),
+                                                                torch.from_numpy(evals[-1][1])), spec)
+    timings.update(prepare=t1 - t0, project=t2 - t1, bootstrap_eval=time.perf_counter() - t3,
+                   total=time.perf_counter() - t0)
+    return out
 
 
 def train_end2end_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
@@ -250,4 +269,4 @@ def train_end2end_cpp(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
     return GridOutput(probe_acc, head_acc, backend="cpp", timings=timings)
 
 
-register_backend("cpp", train_grid_cpp, available, rank=10, end2end=True)
+register_backend("cpp", train_grid_cpp, available, rank=10, end2end=True, repeats=True)

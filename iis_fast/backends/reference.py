@@ -126,11 +126,13 @@ def accuracy(head: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 819
 
 
 def train_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
-               lr: float, spec: GridSpec) -> np.ndarray:
-    """Adam (no weight decay), lr x0.99 per epoch, CE, shuffled batches; accuracy on each eval set per epoch."""
+               lr: float, spec: GridSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Adam (no weight decay), lr x0.99 per epoch, CE, shuffled batches; accuracy on each eval set per epoch, and
+    the per-sample correctness on the last eval set at the best epoch on the first (first maximum)."""
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=spec.lr_decay)
     acc = np.zeros((len(eval_sets), spec.epochs))
+    best = None
     for epoch, order in enumerate(epoch_orders(len(x), spec.epochs, spec.seed)):
         head.train()
         for i in range(0, len(x), spec.batch_size):
@@ -143,29 +145,44 @@ def train_head(head: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_sets: lis
         head.eval()
         for j, (ex, ey) in enumerate(eval_sets):
             acc[j, epoch] = accuracy(head, ex, ey)
-    return acc
+        if epoch == 0 or acc[0, epoch] > acc[0, :epoch].max():
+            best = correct(head, *eval_sets[-1])
+    return acc, best
+
+
+@torch.no_grad()
+def correct(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-sample correctness [N] of a head's argmax prediction."""
+    return (head(x.float()).argmax(-1) == y).cpu().numpy()
 
 
 def train_grid_reference(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
                          concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
-    """Train the probe and every concept head of the grid one after another (3 x (1 + 8) = 27 by default)."""
+    """Train the probe and every concept head of the grid one after another (3 x (1 + 8) = 27 by default).
+    One grid per call: the registry runs repeats (``spec.seeds``) as one call per seed."""
     n_sets, n_s, n_lr = len(eval_sets), len(spec.sparsities), len(spec.lrs)
     probe_acc = np.zeros((n_sets, n_lr, spec.epochs))
     head_acc = np.zeros((n_sets, n_s, n_lr, spec.epochs))
+    n_eval = len(eval_sets[-1][1])
+    correct_p = np.zeros((n_lr, n_eval), dtype=bool)
+    correct_h = np.zeros((n_s, n_lr, n_eval), dtype=bool)
     a = spec.assignment
     ks = spec.ks(concepts.shape[0] if a is None else a.num_concepts)
     for li, lr in enumerate(spec.lrs):
         torch.manual_seed(spec.seed)
-        probe_acc[:, li] = train_head(make_probe(x.shape[1], spec.num_classes, spec.seed), x, y, eval_sets, lr, spec)
+        probe_acc[:, li], correct_p[li] = train_head(make_probe(x.shape[1], spec.num_classes, spec.seed), x, y,
+                                                     eval_sets, lr, spec)
         if progress is not None:
             progress.update(spec.epochs)
         for si, k in enumerate(ks):
             if a is None:
                 head = ConceptHead(concepts, spec.num_classes, k, spec.seed, 1 + si)
-                head_acc[:, si, li] = train_head(head, x, y, eval_sets, lr, spec)
+                head_acc[:, si, li], correct_h[si, li] = train_head(head, x, y, eval_sets, lr, spec)
             else:       # concepts holds the element matrix E: the head learns its own assignment
                 head = End2EndHead(concepts, a.num_concepts, spec.num_classes, k, spec.seed, si, a.tau)
                 head_acc[:, si, li] = train_end2end_head(head, x, y, eval_sets, lr, spec)
             if progress is not None:
                 progress.update(spec.epochs)
-    return GridOutput(probe_acc, head_acc, backend="reference")
+    if a is not None:       # end2end: no per-sample record (its evaluation may draw noise per batch)
+        return GridOutput(probe_acc, head_acc, backend="reference")
+    return GridOutput(probe_acc, head_acc, backend="reference", correct_probe=correct_p, correct_head=correct_h)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable
-from .torch import GridParams
-from .common import ADAM_BETAS, ADAM_EPS, GridOutput, GridSpec, train_epochs
+from .torch import GridParams, finish_snapshot
+from .common import ADAM_BETAS, ADAM_EPS, BestSnapshot, GridOutput, GridSpec, train_epochs
 from . import _load_builtin, register_backend
 
 EVAL_CHUNK = 4096
@@ -96,7 +96,9 @@ def grid_accuracy_triton(x, y, concepts, params: GridParams, chunk: int = EVAL_C
 
 def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
                       concepts: torch.Tensor, spec: GridSpec, progress=None) -> GridOutput:
-    """Train every probe and concept head of the grid with the fused kernels (x: fp32, fp16 or bf16)."""
+    """Train every probe and concept head of the grid with the fused kernels (x: fp32, fp16 or bf16). One grid per
+    call: the registry runs repeats (``spec.seeds``) as one call per seed, since the head kernels take one shared
+    projection per batch and repeats see different batches."""
     device = x.device
     if device.type != "cuda" and not _interpreting():
         raise BackendUnavailable("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
@@ -136,10 +138,13 @@ def train_grid_triton(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[to
         ex, ey = eval_sets[j]
         return grid_accuracy_triton(ex, ey, concepts, params)
 
+    snapshot = BestSnapshot(params.tensors)
     probe_acc, head_acc, timings = train_epochs(len(x), spec, len(eval_sets), step, evaluate, progress=progress,
-                                                prepare_order=lambda o: o.to(device), sync=sync)
+                                                prepare_order=lambda o: o.to(device), sync=sync, snapshot=snapshot)
+    out = finish_snapshot(GridOutput(probe_acc, head_acc, backend="triton", timings=timings), snapshot,
+                          params.kidx, concepts, eval_sets[-1], spec)
     timings["total"] = time.perf_counter() - t_start
-    return GridOutput(probe_acc, head_acc, backend="triton", timings=timings)
+    return out
 
 
 # Load the built-in backends first: _load_builtin() runs once per process, so a
