@@ -151,13 +151,14 @@ def _resolve_model(model: Any, checkpoint: str | None, checkpoint_key: str | Non
 
 def _preprocessing(model: torch.nn.Module, image_mean, image_std, image_size) -> dict[str, Any]:
     from .models import preprocessing_config
+    from .validation import image_hw, rgb_triple
     pre = dict(preprocessing_config(model))
     if image_mean is not None:
-        pre["mean"] = tuple(image_mean)
+        pre["mean"] = rgb_triple(image_mean, "mean")
     if image_std is not None:
-        pre["std"] = tuple(image_std)
+        pre["std"] = rgb_triple(image_std, "std")
     if image_size is not None:
-        pre["input_size"] = (3, image_size, image_size) if isinstance(image_size, int) else (3, *image_size)
+        pre["input_size"] = (3, *image_hw(image_size))
     return pre
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import IISInputError
+from ..validation import label_array
 from .torch import GridParams, finish_snapshot
 from .common import BestSnapshot, GridOutput, GridSpec, train_epochs
 from . import register_backend
@@ -64,15 +65,8 @@ def _features(x, name: str, dim: int | None = None) -> np.ndarray:
 
 
 def _labels(y, n: int, num_classes: int, name: str) -> np.ndarray:
-    y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise IISInputError(f"{name}: expected {n} labels (1-D), got shape {tuple(y.shape)}")
-    if y.dtype.kind not in "iu":
-        raise IISInputError(f"{name}: expected integer labels, got dtype {y.dtype}")
-    y = np.ascontiguousarray(y, dtype=np.int64)
-    if n and (y.min() < 0 or y.max() >= num_classes):
-        raise IISInputError(f"{name}: labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
-    return y
+    """Contiguous int64 labels for the kernels, by the package's one label rule (no float labels here)."""
+    return np.ascontiguousarray(label_array(y, name, n=n, num_classes=num_classes, integral_floats=False))
 
 
 def project(x: np.ndarray, concepts: np.ndarray) -> np.ndarray:

@@ -49,10 +49,8 @@ class Task:
 
 def default_workers() -> int:
     """Process-pool size for this machine: its usable CPU cores."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:                               # not Linux
-        return max(1, os.cpu_count() or 1)
+    from ..validation import usable_cores
+    return usable_cores()
 
 
 # ------------------------------------------------------------------------------------------------- the worker
