@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-SUBCOMMAND_MODULES = ("iis_fast.sweeps.cli", "iis_fast.probing.cli")
+SUBCOMMAND_MODULES = ("iis_fast.sweeps.cli", "iis_fast.probing.cli", "iis_fast.applications.cli")
 
 
 def _floats(text: str) -> list[float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings as _warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -79,9 +79,27 @@ class IISResult:
     # interval ("iis_sd", "iis_ci", per sparsity "acc_ci", "arr_ci"); "bootstrap" (evaluation samples) and
     # "selection" (epoch and lr chosen on a held-out part of TRAIN) when computed
     uncertainty: dict[str, Any] = field(default_factory=dict)
+    # score(..., keep_heads=True): the trained probe and concept heads (iis_fast.applications.heads.KeptHeads);
+    # not part of to_dict / JSON: save_heads / load_heads write and read them
+    heads: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(replace(self, heads=None))
+        d.pop("heads")
+        return d
+
+    def save_heads(self, path: str) -> None:
+        """Write the kept heads (``keep_heads=True``) to a ``.safetensors`` file."""
+        from .errors import IISInputError
+        if self.heads is None:
+            raise IISInputError("this result kept no heads: score with keep_heads=True")
+        self.heads.save(path)
+
+    @staticmethod
+    def load_heads(path: str) -> Any:
+        """The :class:`~iis_fast.applications.heads.KeptHeads` of a file written by :meth:`save_heads`."""
+        from .applications.heads import KeptHeads
+        return KeptHeads.load(path)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)

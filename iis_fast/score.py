@@ -43,12 +43,15 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
             ``library="end2end"``: the element matrix E [E, D] (e.g. :func:`iis_fast.concepts.end2end_elements`),
             from which every head learns its own ``num_concepts`` concepts (docs/spec.md §1.2).
         num_classes: K (default: 1 + the largest label seen).
-        **options: any :class:`IISConfig` field (sparsities, lrs, epochs, batch_size, seed, backend, device, ...).
+        **options: any :class:`IISConfig` field (sparsities, lrs, epochs, batch_size, seed, backend, device, ...),
+            and ``keep_heads=True``: keep the reported probe and concept heads in ``result.heads``
+            (:class:`iis_fast.applications.heads.KeptHeads`; docs/applications.md).
     Returns:
         An :class:`IISResult` with iis, acc_std, acc per sparsity, the ARR curve and per-lr results.
     """
     stats = options.pop("_timings", {})
     meta = options.pop("_meta", {})
+    keep_heads = bool(options.pop("keep_heads", False))
     cfg = IISConfig.from_options(**options)
     t0 = time.perf_counter()
     train_x = as_features(train_x, "train_x")
@@ -124,7 +127,7 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     iis = float(np.mean(uncertainty["iis_repeats"]))
     notes = [w for w in (chance_warning(acc_std, iis, eval_y.numpy(), k),) if w]
     warn_all(notes)
-    return IISResult(
+    result = IISResult(
         iis=iis, acc_std=acc_std, sparsities=list(cfg.sparsities), acc=acc, arr=arr,
         lrs=list(cfg.lrs), acc_std_per_lr=[float(v) for v in rep_p], acc_per_lr=rep_h.tolist(),
         best_epoch_std=best_p.tolist(), best_epoch=best_h.tolist(), num_concepts=m, library=meta.get("library", cfg.library),
@@ -133,6 +136,10 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
         config=cfg.to_dict(), versions=library_versions(), timings={k_: round(v, 4) for k_, v in stats.items()},
         model=meta.get("model", ""), warnings=notes, uncertainty=uncertainty,
     )
+    if keep_heads:          # the reported heads themselves, trained again (iis_fast.applications.heads)
+        from .applications.heads import keep_trained_heads
+        result.heads = keep_trained_heads(x_tr, y_tr, eval_sets, c, spec, rep_p, best_p, rep_h, best_h, cfg.library)
+    return result
 
 
 def _resolve_model(model: Any, checkpoint: str | None, checkpoint_key: str | None = None,
@@ -187,8 +194,10 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
         image_mean, image_std, image_size: the loader's normalisation (default: the model's preprocessing config);
             used to un-normalise concept-source images and to build loaders from .beton files.
         concept_vectors: [M, D] text concept vectors for ``library="text"``.
-        **options: :class:`IISConfig` fields (library, num_concepts, sparsities, lrs, epochs, seed, backend, ...).
+        **options: :class:`IISConfig` fields (library, num_concepts, sparsities, lrs, epochs, seed, backend, ...);
+            ``keep_heads=True`` keeps the trained heads and the concepts' element images (``result.heads``).
     """
+    keep_heads = bool(options.pop("keep_heads", False))
     cfg = IISConfig.from_options(**options)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -255,9 +264,13 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     concepts = _concept_library(cfg, cache, train_key, train, embed, pre, loader, concept_vectors)
     timings["concepts"] = time.perf_counter() - t0
     opts = cfg.to_dict()
-    return score_features(train_x, train_y, np.asarray(ev_x), np.asarray(ev_y),
-                          concepts, _timings=timings,
-                          _meta={"library": cfg.library, "eval_split": eval_split, "model": model_name}, **opts)
+    r = score_features(train_x, train_y, np.asarray(ev_x), np.asarray(ev_y),
+                       concepts, _timings=timings, keep_heads=keep_heads,
+                       _meta={"library": cfg.library, "eval_split": eval_split, "model": model_name}, **opts)
+    if keep_heads:          # the element image of each concept, for iis_fast.explain
+        from .applications.heads import attach_concept_images
+        attach_concept_images(r.heads, cfg, train, pre)
+    return r
 
 
 def _concept_library(cfg: IISConfig, cache: Any, train_key: str, train: dict[str, Any], embed: Any,
