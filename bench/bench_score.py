@@ -109,11 +109,22 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64, help="extraction batch size of score()")
     ap.add_argument("--floor-images", type=int, default=512)
-    ap.add_argument("--floor-batches", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--floor-batches", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
     ap.add_argument("--out", default="bench/results/score_floor.json")
+    ap.add_argument("--trajectory", default=None, help="per-checkpoint table instead: the folder of "
+                    "`iis-fast make-checkpoints` (scored with --n-train/--n-eval)")
+    ap.add_argument("--every", type=int, default=5, help="with --trajectory: every k-th checkpoint")
+    ap.add_argument("--native-model", default=None, help="per-checkpoint table: also this pretrained model at its "
+                    "native input size")
+    ap.add_argument("--native-n-train", type=int, default=600)
+    ap.add_argument("--native-n-eval", type=int, default=300)
+    ap.add_argument("--native-images-per-class", type=int, default=10)
+    ap.add_argument("--table-out", default="bench/results/score_checkpoints.json")
     args = ap.parse_args()
+    if args.trajectory or args.native_model:
+        return main_table(args)
 
     import iis_fast.models as M
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -122,8 +133,10 @@ def main() -> None:
                                              text=True).stdout.strip()},
            "command": "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_score.py " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in vars(args).items() if k not in ("out", "settings", "models")),
-           "args": vars(args), "matmul_gflops": {"start": matmul_gflops()}, "models": {}}
+               for k, v in vars(args).items() if k not in ("out", "settings", "models", "trajectory", "every",
+                                                           "table_out") and not k.startswith("native")),
+           "args": vars(args), "matmul_gflops": {"start": matmul_gflops()}, "models": {},
+           "loadavg": [os.getloadavg()[0]]}
     for name in args.models:
         model = M.create_model(name, pretrained=True).eval()
         res: dict = {"gflops_per_image": model_gflops(model, args.image_size), "settings": {}, "floor": {}}
@@ -150,9 +163,37 @@ def main() -> None:
             r["iis_change_vs_plain"] = r["iis"] - base
         out["models"][name] = res
     out["matmul_gflops"]["end"] = matmul_gflops()
+    out["loadavg"].append(os.getloadavg()[0])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(render_markdown(out))
+
+
+def _machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip()}
+
+
+def main_table(args) -> None:
+    """The per-checkpoint tables (trajectory and/or pretrained backbone at its native size) -> ``--table-out``."""
+    cmd = "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_score.py"
+    if args.trajectory:
+        cmd += f" --trajectory CKPTS --every {args.every} --n-train {args.n_train} --n-eval {args.n_eval}"
+    if args.native_model:
+        cmd += (f" --native-model {args.native_model} --native-n-train {args.native_n_train} "
+                f"--native-n-eval {args.native_n_eval} --native-images-per-class {args.native_images_per_class}")
+    cmd += f" --floor-images {args.floor_images}"
+    out = {"machine": _machine(), "command": cmd, "loadavg": [os.getloadavg()[0]]}
+    if args.native_model:
+        out["pretrained"] = pretrained_table(args)
+    if args.trajectory:
+        out["trajectory"] = trajectory_table(args)
+    out["loadavg"].append(os.getloadavg()[0])
+    Path(args.table_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.table_out).write_text(json.dumps(out, indent=1))
+    print(render_checkpoints_markdown(out))
 
 
 def render_markdown(res: dict) -> str:
@@ -178,6 +219,192 @@ def render_markdown(res: dict) -> str:
                          f"| {s['images_embedded']} | {s['iis']:.4f} | {s['iis_change_vs_plain']:+.4f} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------ the per-checkpoint table
+def _stage_row(r, n_train: int, n_eval: int, n_el: int, rate: float) -> dict:
+    """One checkpoint's stages next to their backbone floors (images of the stage / the floor's images/s)."""
+    t = r.timings
+    row = {"wall_s": None, "iis": r.iis, "acc_std": r.acc_std, "n_elements": n_el,
+           "extract_s": t.get("extract_train", 0) + t.get("extract_eval", 0) + t.get("fingerprint_train", 0)
+           + t.get("fingerprint_eval", 0),
+           "concepts_s": t.get("concepts", 0), "train_s": t.get("train", 0) + t.get("validate", 0),
+           "model_s": t.get("model", 0), "floor_images_per_s": rate,
+           "extract_floor_s": (n_train + n_eval) / rate, "concepts_floor_s": n_el / rate}
+    row["floor_s"] = row["extract_floor_s"] + row["concepts_floor_s"]
+    return row
+
+
+def _fastest_rate(model, size: int, batches: list[int], n_images: int, repeats: int) -> tuple[float, str, int]:
+    """The fastest (images/s, setting, batch) of the representation forward over the settings and batches."""
+    best = (0.0, "", 0)
+    for label in ("fp32 channels-last", "bf16 channels-last"):
+        for b in batches:
+            rate = floor_rate(model, size, SETTINGS[label], b, n_images, repeats)
+            best = max(best, (rate, label, b))
+    return best
+
+
+def _elements_in(cache_dir: str) -> int:
+    from iis_fast.features import FeatureCache
+    for meta in FeatureCache(cache_dir).root.glob("*/meta.json"):
+        if json.loads(meta.read_text()).get("info", {}).get("kind") == "elements":
+            return int(np.load(meta.parent / "labels.npy", mmap_mode="r").shape[0])
+    return 0
+
+
+def _score_checkpoint(model, loaders, size: int, cache_dir: str, args, n_train: int, n_eval: int,
+                      batches: list[int], **options) -> dict:
+    """score() one model from ``cache_dir`` (features of this model absent; element images possibly there), then
+    its floor in the same breath."""
+    from iis_fast.score import score
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    r = score(model, loaders[0], eval_loader=loaders[1], image_size=size, progress=False, cache_dir=cache_dir,
+              backend="auto", **options)
+    wall = time.perf_counter() - t0
+    rate, label, b = _fastest_rate(model, size, batches, args.floor_images, 1)
+    n_el = _elements_in(cache_dir)
+    row = _stage_row(r, n_train, n_eval, n_el, rate)
+    row.update(wall_s=wall, floor_setting=label, floor_batch=b, end_to_end_over_floor=wall / row["floor_s"],
+               extract_over_floor=row["extract_s"] / row["extract_floor_s"],
+               concepts_over_floor=row["concepts_s"] / row["concepts_floor_s"],
+               loadavg=[load0, os.getloadavg()[0]])
+    return row
+
+
+def _drop_features(cache_dir: str) -> None:
+    """Keep only the element-image entries of ``cache_dir``: what a new checkpoint of the same data finds there."""
+    import shutil
+    from iis_fast.features import FeatureCache
+    for meta in FeatureCache(cache_dir).root.glob("*/meta.json"):
+        if json.loads(meta.read_text()).get("info", {}).get("kind") != "element_images":
+            shutil.rmtree(meta.parent)
+
+
+def trajectory_table(args) -> dict:
+    """Every ``--every``-th checkpoint of the small-CNN trajectory, scored one after another from one cache (as a
+    sweep worker does: the first builds the element images, the rest read them), each with its own floor."""
+    import iis_fast.models as M
+    from iis_fast.data.fashion_mnist import fashion_mnist_loaders
+    from iis_fast.sweeps import parse_checkpoints
+    specs = parse_checkpoints(args.trajectory, arch="iis_smallcnn")
+    picked = specs[::args.every]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for spec in picked:
+            model = M.create_model(spec.model, checkpoint=spec.path).eval()
+            pre = M.preprocessing_config(model)
+            size = int(pre["input_size"][-1])
+            loaders = fashion_mnist_loaders(args.n_train, args.n_eval, size, pre["mean"], pre["std"],
+                                            batch_size=100, seed=0)
+            row = _score_checkpoint(model, loaders, size, cache, args, args.n_train, args.n_eval, [256, 1024])
+            row.update(step=spec.step, test_acc=float(spec.meta.get("test_acc", "nan")), image_size=size)
+            rows.append(row)
+            print("trajectory step", spec.step, {k: round(v, 3) if isinstance(v, float) else v
+                                                 for k, v in row.items() if k != "loadavg"}, flush=True)
+    return {"model": picked[0].model if picked else None, "checkpoints": len(specs), "every": args.every,
+            "n_train": args.n_train, "n_eval": args.n_eval, "rows": rows}
+
+
+def pretrained_table(args) -> dict:
+    """A pretrained backbone at its native input size: from a cold cache, then as a later checkpoint of the same
+    data would run (a cache holding only the element images)."""
+    import iis_fast.models as M
+    from iis_fast.data.fashion_mnist import fashion_mnist_loaders
+    model = M.create_model(args.native_model, pretrained=True).eval()
+    pre = M.preprocessing_config(model)
+    size = int(pre["input_size"][-1])
+    loaders = fashion_mnist_loaders(args.native_n_train, args.native_n_eval, size, pre["mean"], pre["std"],
+                                    batch_size=100, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("cold cache", "element images cached"):
+            if rows:
+                _drop_features(cache)
+            row = _score_checkpoint(model, loaders, size, cache, args, args.native_n_train, args.native_n_eval,
+                                    [32, 64], images_per_class=args.native_images_per_class)
+            row.update(run=label, image_size=size)
+            rows.append(row)
+            print(args.native_model, label, {k: round(v, 3) if isinstance(v, float) else v
+                                             for k, v in row.items() if k != "loadavg"}, flush=True)
+    return {"model": args.native_model, "image_size": size, "gflops_per_image": model_gflops(model, size),
+            "n_train": args.native_n_train, "n_eval": args.native_n_eval,
+            "images_per_class": args.native_images_per_class, "rows": rows}
+
+
+def render_checkpoints_markdown(res: dict) -> str:
+    """The docs' per-checkpoint tables of a ``score_checkpoints.json``."""
+    m = res["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, git "
+             f"{m['git']}; load average {res['loadavg'][0]:.1f} at the start, {res['loadavg'][1]:.1f} at the end "
+             "(a shared machine: each row's floor is measured right after its score(), so the ratios hold).", "",
+             f"Command: `{res['command']}`", ""]
+    head = ("| end-to-end s | floor s | **end-to-end / floor** | extract s (/ floor) | concepts s (/ floor) | heads s "
+            "| elements | IIS |")
+    rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+    def cells(r: dict) -> str:
+        return (f"| {r['wall_s']:.1f} | {r['floor_s']:.2f} | **{r['end_to_end_over_floor']:.2f}x** "
+                f"| {r['extract_s']:.2f} ({r['extract_over_floor']:.1f}x) "
+                f"| {r['concepts_s']:.2f} ({r['concepts_over_floor']:.1f}x) | {r['train_s']:.2f} "
+                f"| {r['n_elements']} | {r['iis']:.4f} |")
+    t = res.get("trajectory")
+    if t:
+        r0 = t["rows"][0]
+        lines += [f"**{t['model']} trajectory**: every {t['every']}th of its {t['checkpoints']} checkpoints "
+                  f"({len(t['rows'])} scored), {t['n_train']} TRAIN / {t['n_eval']} TEST Fashion-MNIST images at "
+                  f"{r0['image_size']} px, one cache as in a sweep worker (the first checkpoint builds the element "
+                  f"images, the others read them). Floor: {r0['floor_setting']}, batch {r0['floor_batch']}.", "",
+                  "| step | test acc " + head, "|---:|---:" + rule]
+        lines += [f"| {r['step']} | {r['test_acc']:.3f} " + cells(r) for r in t["rows"]]
+        ratios = sorted(r["end_to_end_over_floor"] for r in t["rows"][1:]) or [r0["end_to_end_over_floor"]]
+        lines += ["", f"Median end-to-end / floor after the first checkpoint: {ratios[len(ratios) // 2]:.2f}x.", ""]
+    p = res.get("pretrained")
+    if p:
+        r0 = p["rows"][0]
+        lines += [f"**{p['model']} at its native {p['image_size']} px** ({p['gflops_per_image']:.2f} GFLOP per "
+                  f"image), {p['n_train']} TRAIN / {p['n_eval']} TEST Fashion-MNIST images, {p['images_per_class']} "
+                  f"concept-source images per class. Floor: "
+                  f"{r0['floor_setting']}, batch {r0['floor_batch']} ({r0['floor_images_per_s']:.0f} img/s).", "",
+                  "| run " + head, "|---" + rule]
+        lines += [f"| {r['run']} " + cells(r) for r in p["rows"]]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_summary_markdown(floor: dict, table: dict) -> str:
+    """The README's summary: end-to-end / floor per stage for the demo models (default extraction), the
+    trajectory (median after its first checkpoint) and the pretrained backbone at 224 px (element images cached)."""
+    lines = ["| checkpoint | images at px | end-to-end s | floor s | **end-to-end / floor** | extract / floor "
+             "| concepts / floor |", "|---|---|---:|---:|---:|---:|---:|"]
+    default = "bf16 channels-last"
+    for name, r in floor["models"].items():
+        s = r["settings"].get(default)
+        if not s:
+            continue
+        n_el = s["n_elements"]
+        rate = r["fastest"]["images_per_s"]
+        n_tv = s["images_embedded"] - n_el
+        lines.append(f"| {name}, demo data ({default}) | {s['images_embedded']} at {floor['args']['image_size']} "
+                     f"| {s['wall_s']:.1f} | {s['floor_s']:.1f} | **{s['end_to_end_over_floor']:.2f}x** "
+                     f"| {s['extract_s'] / (n_tv / rate):.2f}x | {s['concepts_s'] / (n_el / rate):.2f}x |")
+    t = table.get("trajectory")
+    if t and t["rows"]:
+        rows = sorted(t["rows"][1:] or t["rows"], key=lambda r: r["end_to_end_over_floor"])
+        r = rows[len(rows) // 2]
+        lines.append(f"| {t['model']} trajectory, median of {len(rows)} checkpoints (step {r['step']}) "
+                     f"| {t['n_train'] + t['n_eval'] + r['n_elements']} at {r['image_size']} | {r['wall_s']:.1f} "
+                     f"| {r['floor_s']:.2f} | **{r['end_to_end_over_floor']:.2f}x** | {r['extract_over_floor']:.2f}x "
+                     f"| {r['concepts_over_floor']:.2f}x |")
+    p = table.get("pretrained")
+    if p and p["rows"]:
+        r = p["rows"][-1]
+        lines.append(f"| {p['model']} pretrained, {r['run']} | {p['n_train'] + p['n_eval'] + r['n_elements']} at "
+                     f"{p['image_size']} | {r['wall_s']:.1f} | {r['floor_s']:.1f} "
+                     f"| **{r['end_to_end_over_floor']:.2f}x** | {r['extract_over_floor']:.2f}x "
+                     f"| {r['concepts_over_floor']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
