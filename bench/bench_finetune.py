@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -36,6 +37,16 @@ def _git() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def arms(lam: float) -> dict[str, dict[str, Any]]:
@@ -138,10 +149,24 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['arm']} | {r['n']} | {_pm(r['acc_std_before'])} | {_pm(r['acc_std_after'])} | "
                      f"{_pm(r['iis_before'])} | {_pm(r['iis_after'])} | {r['iis_change'][0]:+.4f} ± "
                      f"{r['iis_change'][1]:.4f} | {_pm(r['eval_acc_concept'])} |")
+    control = {r["seed"]: r for r in results["runs"] if r["lam"] == 0}
+    paired = [r for r in results["summary"] if r["arm"] != next(iter(control.values()), {}).get("arm")]
+    if control and paired:
+        lines += ["", "The same seeds, lam > 0 minus the control (paired by seed):", "",
+                  "| arm | pairs | test acc after | IIS after | concept-head acc |", "|---|---|---|---|---|"]
+        for row in paired:
+            rs = [r for r in results["runs"] if r["arm"] == row["arm"] and r["seed"] in control]
+            cells = []
+            for f in ("acc_std_after", "iis_after", "eval_acc_concept"):
+                d = np.array([r[f] - control[r["seed"]][f] for r in rs])
+                cells.append(f"{d.mean():+.4f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.4f}")
+            lines.append(f"| {row['arm']} | {len(rs)} | " + " | ".join(cells) + " |")
     m = results["machine"]
     lines += ["", "Test accuracy is the IIS grid's standard probe (acc_std) on the test images, before and after. "
-              f"Measured on {m['cpu']} ({m['threads']} threads), git {results['git']}, "
-              f"{results['total_seconds'] / 60:.1f} min in all.", "",
+              f"Measured on {m['cpu']} ({m['threads']} threads"
+              + (f", load average {m['load_average_start']:.1f} -> {m['load_average_end']:.1f}"
+                 if "load_average_end" in m else "")
+              + f"), git {results['git']}, {results['total_seconds'] / 60:.1f} min in all.", "",
               "![IIS and test accuracy before and after fine-tuning, per arm](bench/results/finetune.png)"]
     return "\n".join(lines)
 
@@ -179,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         if old.get("settings") == settings:
             results["runs"] = old["runs"]
             results["total_seconds"] = old.get("total_seconds", 0.0)
-    results.update(git=_git(), machine={"cpu": platform.processor() or platform.machine(),
-                                        "threads": torch.get_num_threads(), "torch": torch.__version__})
+    results.update(git=_git(), machine={"cpu": _cpu_name(), "threads": torch.get_num_threads(),
+                                        "torch": torch.__version__, "load_average_start": os.getloadavg()[0]})
     for seed in a.seeds:                     # seed-major: a cut-short run still has every arm at the first seeds
         for name in names:
             if any(r["arm"] == name and r["seed"] == seed for r in results["runs"]):
@@ -195,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['acc_std_before']:.4f} -> {row['acc_std_after']:.4f}, concept-head acc "
                   f"{row['eval_acc_concept']:.4f} ({row['seconds']:.0f} s)", flush=True)
     results["summary"] = summarise(results["runs"], names)
+    results["machine"]["load_average_end"] = os.getloadavg()[0]
     out.write_text(json.dumps(results, indent=1))
     plot(results, Path(a.png))
     print(render_markdown(results))

@@ -122,6 +122,17 @@ def test_bad_input_is_refused_before_any_training(tmp_path):
     assert not list((tmp_path / "ck").glob("epoch_*.pt"))
 
 
+def test_the_cli_refuses_bad_input_in_one_line_before_reading_anything(capsys):
+    from iis_fast.cli import main
+    for extra, msg in ((["--lam", "-1"], "lam=-1.0: must be >= 0"), (["--lam", "1", "--sparsity", "1"], "outside [0, 1)"),
+                       (["--lam", "1", "--concept-update", "sometimes"], "concept_update='sometimes'")):
+        with pytest.raises(SystemExit) as e:
+            main(["finetune", "no_such_model", "--data", "fashion-mnist:n_train=100,n_eval=50", *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("iis-fast: error: ") and msg in err and "\n" not in err
+
+
 # ------------------------------------------------------------------------------------------------ resume
 _CHILD = textwrap.dedent("""
     import sys, torch

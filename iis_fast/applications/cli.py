@@ -91,7 +91,9 @@ def _loaders(net: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     import torch
-    from .finetune import finetune
+    from .finetune import check_finetune_args, finetune
+    check_finetune_args(args.lam, args.sparsity, args.num_concepts, "prototype", args.epochs, args.lr,
+                        args.concept_update)           # before the model and the data are read
     net = _model(args.model, args.checkpoint)
     train, ev = _loaders(net, args)
     r = finetune(net, train, ev, lam=args.lam, sparsity=args.sparsity, num_concepts=args.num_concepts,
