@@ -119,7 +119,9 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
 
     # best epoch and lr chosen on the selection set (index 0), reported on the eval set (last index), per grid;
     # the per-lr fields are the first grid's (seed), the headline numbers the mean over the grids
+    t1 = time.perf_counter()
     uncertainty, sels = summarize(out, check, spec, cfg)
+    stats["uncertainty"] = time.perf_counter() - t1
     best_p, best_h, rep_p, rep_h = sels[0].best_p, sels[0].best_h, sels[0].rep_p, sels[0].rep_h
     acc_std = float(np.mean(uncertainty["acc_std_repeats"]))
     acc = [float(v) for v in np.mean(uncertainty["acc_repeats"], axis=0)]
