@@ -45,10 +45,13 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         _slurm_parameters(a.slurm)
     df = sweep(a.checkpoints, a.data, arch=a.arch, out=a.out, executor=a.executor, workers=a.workers,
                retry_failed=a.retry_failed, eval_data=a.eval_data, chunk_size=a.chunk_size, threads=a.threads,
-               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, **model_options(a),
-               **score_options(a))
+               num_gpus=a.gpus, executor_options=ex_opts, progress=not a.no_progress, measures=a.measure,
+               attribution=_attribution_options(a), **model_options(a), **score_options(a))
     ok = df[df["status"] == "ok"] if not df.empty else df
     print(f"{len(ok)} ok / {len(df)} rows in {a.out}")
+    if "attribution" in df.attrs:
+        att = df.attrs["attribution"]
+        print(f"{int((att['status'] == 'ok').sum())} ok / {len(att)} attribution rows in {a.out}")
     with ResultStore(a.out) as store:
         for path in a.export or []:
             print(f"exported {store.export(path)}")
@@ -58,6 +61,31 @@ def cmd_sweep(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+#: ``sweep`` options of the attribution measure -> AttributionConfig fields.
+_ATTRIBUTION_OPTIONS = {"probe_heads": "heads", "probe_losses": "losses", "probe_methods": "methods",
+                        "probe_epochs": "epochs", "probe_hidden": "hidden", "probe_seed": "seed",
+                        "grids": "n_grids", "ig_steps": "ig_steps"}
+
+
+def _attribution_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The attribution measure's options given on the command line (the rest keep AttributionConfig's defaults)."""
+    return {field: getattr(a, opt) for opt, field in _ATTRIBUTION_OPTIONS.items() if getattr(a, opt) is not None}
+
+
+def _add_attribution_options(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("attribution measure (--measure iis,attribution; iis_fast.sweeps.attribution)")
+    g.add_argument("--probe-heads", metavar="LIST", help="probe heads (default linear,bcos2)")
+    g.add_argument("--probe-losses", metavar="LIST", help="probe losses (default ce,bce)")
+    g.add_argument("--probe-methods", metavar="LIST", help="attribution methods (default ixg,gradcam,bcos; "
+                                                           "also ig)")
+    g.add_argument("--probe-epochs", type=int, metavar="N", help="probe training epochs (default 10)")
+    g.add_argument("--probe-hidden", type=int, metavar="N", help="B-cos / MLP hidden width (default 256)")
+    g.add_argument("--probe-seed", type=int, metavar="S", help="probe init, shuffling and grid draw (default 0)")
+    g.add_argument("--grids", type=int, metavar="N", help="3x3 grids drawn once per sweep from the evaluation "
+                                                          "images (default 8)")
+    g.add_argument("--ig-steps", type=int, metavar="N", help="Integrated Gradients nodes (default 8)")
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -117,6 +145,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--cluster", help="submitit cluster: slurm (auto-detected), local, debug")
     s.add_argument("--slurm", help='JSON of submitit parameters, e.g. \'{"slurm_partition": "gpu", "timeout_min": 120}\'')
     s.add_argument("--export", action="append", help="also export the table to this .csv or .parquet (repeatable)")
+    s.add_argument("--measure", default="iis", help="what to measure per checkpoint: iis (default), attribution "
+                                                    "(How-to-Probe GridPG, entropy, Gini of probes), or iis,attribution")
+    _add_attribution_options(s)
     add_progress_option(s)
     add_model_options(s)
     add_score_options(s, multi_library=True, defaults={"extract_batch_size": SWEEP_EXTRACT_BATCH_SIZE})

@@ -40,10 +40,12 @@ class Task:
     score_fn: str | None = None           # "module:function" with iis_fast.score's signature (default: it)
     threads: int | None = None            # torch CPU threads for this task's process
     content_hash: str | None = None       # SHA-256 of the checkpoint file when the sweep started
+    attribution: tuple[str, dict[str, Any]] | None = None   # (config hash, config) of the attribution measure
 
     @property
     def id(self) -> str:
-        blob = json.dumps([self.spec.key, [h for h, _ in self.configs], self.content_hash])
+        blob = json.dumps([self.spec.key, [h for h, _ in self.configs], self.content_hash]
+                          + ([self.attribution[0]] if self.attribution else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -117,6 +119,12 @@ def run_task(task: Task) -> list[dict[str, Any]]:
         except Exception as e:                           # noqa: BLE001 - a failing checkpoint must not stop a sweep
             rows.append({**base, "status": "failed", "error": _error_text(e),
                          "seconds": time.perf_counter() - t0, "finished_at": time.time()})
+    if task.attribution is not None:                     # the attribution measure (sweeps/attribution.py)
+        from .attribution import attribution_rows, failed_attribution_rows
+        if setup_error is not None:
+            rows += failed_attribution_rows(task, _error_text(setup_error))
+        else:
+            rows += attribution_rows(spec, train, ev, *task.attribution, content_hash=task.content_hash)
     return rows
 
 
@@ -139,12 +147,14 @@ def _scored_with_warnings(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
 
 def failed_rows(task: Task, error: str) -> list[dict[str, Any]]:
     """Rows recording that ``task`` could not be run at all (its worker died, the job failed)."""
+    from .attribution import failed_attribution_rows
     spec = task.spec
     return [{"checkpoint": spec.key, "model": spec.model, "path": spec.path, "step": spec.step,
              "library": opts.get("library", "prototype"), "config_hash": h, "status": "failed",
              "content_hash": task.content_hash,
              "error": error[:MAX_ERROR_CHARS], "config_json": json.dumps(opts, sort_keys=True, default=str),
-             "meta_json": json.dumps(spec.meta, sort_keys=True)} for h, opts in task.configs]
+             "meta_json": json.dumps(spec.meta, sort_keys=True)} for h, opts in task.configs] + (
+        failed_attribution_rows(task, error) if task.attribution is not None else [])
 
 
 def _run_chunk(tasks: Sequence[Task]) -> list[list[dict[str, Any]]]:

@@ -47,6 +47,7 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
           retry_failed: bool = False, eval_data: Any = None, chunk_size: int | None = None,
           threads: int | None = None, num_gpus: float = 0, executor_options: dict[str, Any] | None = None,
           score_fn: Callable[..., Any] | str | None = None, progress: bool = True,
+          measures: str | Sequence[str] = ("iis",), attribution: Any = None,
           **score_options: Any) -> pd.DataFrame:
     """Score every checkpoint (x library) into the SQLite database ``out`` and return the results table.
 
@@ -79,13 +80,19 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
             ``parameters`` (passed to ``update_parameters``).
         score_fn: a replacement for :func:`iis_fast.score` (module-level, importable); for tests/instrumentation.
         progress: show the overall progress bar and the per-stage timing summary.
+        measures: ``"iis"`` and/or ``"attribution"`` (or ``"iis,attribution"``): with ``attribution``, each
+            checkpoint also gets How-to-Probe attribution rows (probes trained on its spatial maps, GridPG,
+            entropy, Gini per probe x loss x method on grids chosen once per sweep), stored in the ``attribution``
+            table in the checkpoint's transaction; see :mod:`iis_fast.sweeps.attribution`.
+        attribution: :class:`~iis_fast.sweeps.attribution.AttributionConfig` or a mapping of its fields.
         **score_options: :class:`~iis_fast.config.IISConfig` options; ``library`` may be a list (one row per
             library); ``checkpoint_key`` and ``model_kwargs`` as in :func:`iis_fast.score`.
 
     Returns:
         One row per requested (checkpoint, library) under this config, stored earlier or now: ``status``,
         ``iis``, ``acc_std``, ``acc@s``/``arr@s`` per sparsity, ``step``, stage timings, ``error``, ``result_json``.
-        ``df.attrs["sweep"]`` holds this run's counts and per-stage seconds.
+        ``df.attrs["sweep"]`` holds this run's counts and per-stage seconds; with the attribution measure,
+        ``df.attrs["attribution"]`` holds its rows for these checkpoints (also :func:`load_attribution`).
     """
     t_start = time.perf_counter()
     store = ResultStore(out)        # a directory, a non-SQLite file or someone else's database fails here, first
@@ -93,7 +100,7 @@ def sweep(checkpoints: Any, data: Any = "fashion-mnist", *, arch: str | None = N
         return _sweep(store, t_start, checkpoints, data, arch=arch, out=out, executor=executor, workers=workers,
                       retry_failed=retry_failed, eval_data=eval_data, chunk_size=chunk_size, threads=threads,
                       num_gpus=num_gpus, executor_options=executor_options, score_fn=score_fn, progress=progress,
-                      **score_options)
+                      measures=measures, attribution=attribution, **score_options)
     finally:
         store.close()
 
@@ -135,7 +142,11 @@ def _unchanged_since(path: str, created_at: str) -> bool:
 def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, arch: str | None, out: Any,
            executor: str, workers: int | None, retry_failed: bool, eval_data: Any, chunk_size: int | None,
            threads: int | None, num_gpus: float, executor_options: dict[str, Any] | None,
-           score_fn: Callable[..., Any] | str | None, progress: bool, **score_options: Any) -> pd.DataFrame:
+           score_fn: Callable[..., Any] | str | None, progress: bool, measures: Any = ("iis",),
+           attribution: Any = None, **score_options: Any) -> pd.DataFrame:
+    from . import attribution as attr_measure
+    measures = attr_measure.parse_measures(measures)
+    attr_cfg = attr_measure.AttributionConfig.from_options(attribution) if "attribution" in measures else None
     specs = parse_checkpoints(checkpoints, arch)
     run = get_executor(executor)
     configs = _row_configs(score_options)
@@ -149,7 +160,9 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
     t0 = time.perf_counter()
     data_refs = _prepare_data_refs(specs, data, eval_data, cache_dir)
     t_data = time.perf_counter() - t0
-    plan = _plan(store, specs, configs, data_refs, retry_failed, _score_fn_name(score_fn), threads)
+    attr_configs = attr_measure.configs_per_data(data_refs, attr_cfg, configs[0]) if attr_cfg else {}
+    plan = _plan(store, specs, configs if "iis" in measures else [], data_refs, retry_failed,
+                 _score_fn_name(score_fn), threads, attr_configs)
     tasks = plan.tasks
     already = len(specs) - len(tasks) - len(plan.unrunnable)
     stats: dict[str, Any] = {"checkpoints": len(specs), "already_stored": already, "scored": 0, "failed": 0,
@@ -164,6 +177,8 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
     def claim(task: Task) -> bool:
         """Lease the task's rows; a task another live sweep is computing (or just stored) is skipped."""
         keys = [(task.spec.key, c.get("library", "prototype"), h) for h, c in task.configs]
+        if task.attribution is not None:
+            keys.append((task.spec.key, attr_measure.LEASE_LIBRARY, task.attribution[0]))
         ok = store.claim(keys, task.content_hash, retry_failed=retry_failed)
         if not ok:
             stats["claimed_elsewhere"] += 1
@@ -198,6 +213,8 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
         print(_summary(stats), file=sys.stderr)
     df = store.dataframe(keys=plan.requested)
     df.attrs["sweep"] = stats
+    if attr_cfg is not None:
+        df.attrs["attribution"] = attr_measure.load_attribution(store, keys=plan.attribution_requested, status=None)
     return df
 
 
@@ -237,15 +254,19 @@ class _Plan(NamedTuple):
     unrunnable: list[tuple[Task, str]]      # checkpoints whose model cannot be built, with the error
     requested: list[tuple[str, str, str]]   # every (checkpoint, library, config hash) the result table shows
     changed: int                            # rows re-scored because the checkpoint file changed
+    attribution_requested: list[tuple[str, str]] | None = None   # (checkpoint, config hash) of attribution rows
 
 
 def _plan(store: ResultStore, specs: Sequence[CheckpointSpec], configs: list[dict[str, Any]],
           data_refs: dict[str, DataRef | Exception], retry_failed: bool, fn_name: str | None,
-          threads: int) -> _Plan:
+          threads: int, attribution: dict[str, tuple[str, dict[str, Any]]] | None = None) -> _Plan:
     """Which (checkpoint, config) rows need computing: not stored, failed with ``retry_failed``, or stored for
-    an earlier version of the file."""
+    an earlier version of the file; the same for the attribution measure's rows (``attribution``: its (config
+    hash, config) per data key)."""
+    from .attribution import stored as stored_attribution
     stored = store.stored()
-    plan = _Plan([], [], [], 0)
+    stored_attr = stored_attribution(store.conn) if attribution else {}
+    plan = _Plan([], [], [], 0, [])
     changed = 0
     for spec in specs:
         ref = data_refs[spec.model]
@@ -265,13 +286,19 @@ def _plan(store: ResultStore, specs: Sequence[CheckpointSpec], configs: list[dic
             elif row.content_hash != content:            # the file was overwritten: score the new weights
                 todo.append((h, cfg))
                 changed += 1
-        if not todo:
+        attr = (attribution or {}).get(key)
+        if attr is not None:
+            plan.attribution_requested.append((spec.key, attr[0]))
+            st = stored_attr.get((spec.key, attr[0]))
+            if not (st is None or (st[0] == "failed" and retry_failed) or st[1] != content):
+                attr = None                               # stored for this file version
+        if not todo and attr is None:
             continue
         if isinstance(ref, Exception):
             dummy = Task(spec, todo, DataRef("none", key), content_hash=content)
             plan.unrunnable.append((dummy, f"{type(ref).__name__}: {ref}"))
         else:
-            plan.tasks.append(Task(spec, todo, ref, fn_name, threads, content_hash=content))
+            plan.tasks.append(Task(spec, todo, ref, fn_name, threads, content_hash=content, attribution=attr))
     return plan._replace(changed=changed)
 
 
@@ -280,6 +307,10 @@ def _count(stats: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     ok = all(r["status"] == "ok" for r in rows)
     stats["scored" if ok else "failed"] += 1
     stats["warned"] += sum(1 for r in rows if r.get("warnings"))
+    attribution = [r for r in rows if r.get("measure") == "attribution"]
+    if attribution:                                       # stage seconds are per checkpoint, on every row
+        stats["attribution_seconds"] = stats.get("attribution_seconds", 0.0) + float(attribution[0].get("seconds") or 0)
+    rows = [r for r in rows if r.get("measure") != "attribution"]
     for r in rows:
         for s in STAGES:
             stats[s] += float(r.get(s) or 0.0)

@@ -198,6 +198,8 @@ class ResultStore:
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_SCHEMA)
             self._migrate()
+            from .attribution import create_table
+            create_table(self.conn)                     # the attribution measure's rows (sweeps/attribution.py)
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.DatabaseError as e:
             self.conn.close()
@@ -335,11 +337,15 @@ class ResultStore:
         stored row of another ``content_hash`` (its file changed) is moved to ``results_history``; the rows'
         leases are dropped.
         """
+        from .attribution import write_rows
         host = socket.gethostname()
         cols = ", ".join(RESULT_COLUMNS)
         marks = ", ".join("?" for _ in RESULT_COLUMNS)
+        attribution = [r for r in rows if r.get("measure") == "attribution"]
+        rows = [r for r in rows if r.get("measure") != "attribution"]
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
+            write_rows(self.conn, attribution, host, _now())  # the checkpoint's attribution rows, same transaction
             for r in rows:
                 rec = {c: r.get(c) for c in RESULT_COLUMNS}
                 rec["host"] = rec["host"] or host
@@ -380,8 +386,23 @@ class ResultStore:
         self.close()
 
 
+def interval_columns(u: dict[str, Any]) -> dict[str, Any]:
+    """The error bars of a result's ``uncertainty`` (docs/spec.md §1.10) as table columns: ``repeats``; with
+    repeats >= 2 ``iis_sd``, ``iis_lo``, ``iis_hi`` (seed interval of the mean); ``iis_boot_lo`` / ``iis_boot_hi``
+    (evaluation bootstrap); ``iis_holdout`` (epoch and lr chosen on a held-out part of TRAIN)."""
+    out: dict[str, Any] = {"repeats": u.get("repeats", 1)}
+    if "iis_ci" in u:
+        out.update(iis_sd=u["iis_sd"], iis_lo=u["iis_ci"][0], iis_hi=u["iis_ci"][1])
+    if "bootstrap" in u:
+        out.update(iis_boot_lo=u["bootstrap"]["iis_ci"][0], iis_boot_hi=u["bootstrap"]["iis_ci"][1])
+    if "selection" in u:
+        out["iis_holdout"] = u["selection"]["iis"]
+    return out
+
+
 def expand_results(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``acc@s`` / ``arr@s`` columns (from ``result_json``) and ``meta.*`` columns (from ``meta_json``)."""
+    """Add ``acc@s`` / ``arr@s`` and the error-bar columns of :func:`interval_columns` (from ``result_json``) and
+    ``meta.*`` columns (from ``meta_json``)."""
     if df.empty:
         return df
     extra: list[dict[str, Any]] = []
@@ -392,6 +413,7 @@ def expand_results(df: pd.DataFrame) -> pd.DataFrame:
             for s, a, q in zip(r["sparsities"], r["acc"], r["arr"]):
                 row[f"acc@{s:g}"] = a
                 row[f"arr@{s:g}"] = q
+            row.update(interval_columns(r.get("uncertainty") or {}))
         if isinstance(mj, str) and mj:
             for k, v in json.loads(mj).items():
                 try:
