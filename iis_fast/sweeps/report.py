@@ -112,6 +112,7 @@ class Report:
     files: dict[str, str] = field(default_factory=dict)   # name -> path (html, pngs, csv)
     correlation: dict[str, dict[str, Any]] = field(default_factory=dict)  # per library: IIS vs acc_std
     correlation_step: dict[str, dict[str, Any]] = field(default_factory=dict)  # per library: IIS vs step
+    attribution: list[dict[str, Any]] = field(default_factory=list)  # GridPG vs IIS/acc_std/step (report_attribution)
 
 
 TABLE_COLUMNS = ("step", "model", "library", "iis", "acc_std", "meta.test_acc", "seconds", "path")
@@ -164,6 +165,10 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
         rep.files["arr_curves"] = _plot_arr_curves(ok, libs, has_step, out / "arr_curves.png")
         if has_step:
             rep.files["trajectory"] = _plot_trajectory(ok, libs, rep.correlation_step, out / "trajectory.png")
+        from .report_attribution import attribution_report     # a sweep with the attribution measure
+        att_lines, att_files, rep.attribution = attribution_report(db, ok, out, n_boot, seed)
+        lines += att_lines
+        rep.files.update(att_files)
     lines += _problem_lines(ok, failed)
     rep.text = "\n".join(lines)
     (out / "report.html").write_text(_html(db, ok, failed, rep))
@@ -278,9 +283,11 @@ def _html(db: Path, ok: pd.DataFrame, failed: pd.DataFrame, rep: Report) -> str:
         parts.append(f"<p><b>{html.escape(lib)}</b>, IIS vs acc_std: {html.escape(_fmt_corr(c))}</p>")
     for lib, c in rep.correlation_step.items():
         parts.append(f"<p><b>{html.escape(lib)}</b>, IIS vs training step: {html.escape(_fmt_corr(c))}</p>")
-    for key in ("iis_vs_acc", "arr_curves", "trajectory"):
+    for key in ("iis_vs_acc", "arr_curves", "trajectory", "trajectory_attribution", "gridpg_vs_iis"):
         if key in rep.files:
             parts.append(f"<p><img src='{Path(rep.files[key]).name}'></p>")
+    from .report_attribution import attribution_html
+    parts.append(attribution_html(rep.attribution))
     if not ok.empty:
         parts.append(_short(ok).to_html(index=False, float_format=lambda v: f"{v:.4f}"))
     if not failed.empty:
