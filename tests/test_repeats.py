@@ -171,3 +171,62 @@ def test_triton_grid_of_each_repeat_seed_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", TRITON_CODE], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
+def _rows_with_intervals(n: int, sd: float):
+    """A synthetic trajectory whose results carry error bars (what repeats=5 and the bootstrap record)."""
+    import json
+    from iis_fast.result import IISResult
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        acc_std = 0.5 + 0.4 * i / n + rng.normal(0, 0.02)
+        iis = 0.6 + 0.2 * i / n + rng.normal(0, 0.02)
+        half = 2.776 * sd / np.sqrt(5)
+        u = {"repeats": 5, "seeds": [0, 1, 2, 3, 4], "iis_repeats": [iis] * 5, "iis_sd": sd,
+             "iis_ci": [iis - half, iis + half], "bootstrap": {"iis_ci": [iis - 0.03, iis + 0.02]},
+             "selection": {"iis": iis - 0.01}}
+        r = IISResult(iis=iis, acc_std=acc_std, sparsities=[0.0, 0.9], acc=[acc_std, acc_std * 0.8], arr=[1.0, 0.8],
+                      lrs=[0.01], acc_std_per_lr=[acc_std], acc_per_lr=[[acc_std], [acc_std * 0.8]],
+                      best_epoch_std=[1], best_epoch=[[1], [1]], num_concepts=10, library="prototype", seed=0,
+                      backend="cpp", eval_split="eval", selection_split="eval", n_train=10, n_eval=10,
+                      num_classes=10, feature_dim=8, uncertainty=u)
+        rows.append({"checkpoint": f"m@/c/{i}.pt", "model": "m", "path": f"/c/step_{i}.pt", "step": i * 100,
+                     "library": "prototype", "config_hash": "h", "status": "ok", "iis": r.iis, "acc_std": acc_std,
+                     "config_json": "{}", "meta_json": json.dumps({}), "result_json": r.to_json()})
+    return rows
+
+
+def test_sweep_table_and_report_carry_the_intervals(tmp_path):
+    from pathlib import Path
+    from iis_fast.sweeps.report import correlations, make_report
+    from iis_fast.sweeps.store import ResultStore
+    rows = _rows_with_intervals(15, sd=0.05)
+    with ResultStore(tmp_path / "r.db") as store:
+        for r in rows:
+            store.write_checkpoint([r])
+        df = store.dataframe()
+    u = [__import__("json").loads(r["result_json"])["uncertainty"] for r in rows]
+    assert df["iis_lo"].tolist() == [x["iis_ci"][0] for x in u]
+    assert df["iis_hi"].tolist() == [x["iis_ci"][1] for x in u]
+    assert df["iis_boot_lo"].tolist() == [x["bootstrap"]["iis_ci"][0] for x in u]
+    assert df["iis_holdout"].tolist() == [x["selection"]["iis"] for x in u] and (df["repeats"] == 5).all()
+    rep = make_report(tmp_path / "r.db", tmp_path / "rep", n_boot=500)
+    assert "iis_lo" in rep.text and "iis_boot_hi" in rep.text
+    for key in ("iis_vs_acc", "trajectory"):
+        assert Path(rep.files[key]).stat().st_size > 1000
+    # the correlation's bootstrap draws each IIS within its own interval: wider than the points-only interval
+    plain = correlations(df["acc_std"], df["iis"], n_boot=500)
+    c = rep.correlation["prototype"]
+    assert c["spearman"] == plain["spearman"]
+    assert c["spearman_ci"][1] - c["spearman_ci"][0] > plain["spearman_ci"][1] - plain["spearman_ci"][0]
+
+
+def test_interval_columns_of_a_real_result(real_features):
+    import pandas as pd
+    from iis_fast.sweeps.store import expand_results
+    tx, ty, ex, ey, c = _data(real_features)
+    r = score_features(tx, ty, ex, ey, c, backend=FUSED[-1], repeats=2, **OPTS)
+    df = expand_results(pd.DataFrame({"result_json": [r.to_json()], "meta_json": [""]}))
+    assert df.loc[0, "iis_lo"] == r.uncertainty["iis_ci"][0] and df.loc[0, "iis_sd"] == r.uncertainty["iis_sd"]
+    assert df.loc[0, "iis_boot_hi"] == r.uncertainty["bootstrap"]["iis_ci"][1] and df.loc[0, "repeats"] == 2

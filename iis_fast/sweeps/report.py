@@ -3,10 +3,11 @@
 Plots (``out_dir``):
 
 - ``iis_vs_acc.png``: IIS against acc_std, one point per checkpoint (coloured by training step when known),
-  titled with the Spearman and Pearson correlations and their bootstrap 95% confidence intervals;
+  titled with the Spearman and Pearson correlations and their bootstrap 95% confidence intervals, with each
+  point's IIS interval as an error bar when the sweep scored with error bars (docs/spec.md §1.10);
 - ``arr_curves.png``: ARR(s) = acc_s / acc_std against sparsity s, one curve per checkpoint (coloured by step);
-- ``trajectory.png`` (checkpoints with a step only): IIS, acc_std and, when the checkpoints carry it, the
-  model's own test accuracy against the training step.
+- ``trajectory.png`` (checkpoints with a step only): IIS (with its interval), acc_std and, when the checkpoints
+  carry it, the model's own test accuracy against the training step.
 """
 from __future__ import annotations
 
@@ -33,10 +34,13 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "spearman", n_boot: int = 2000,
-                 ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                 ci: float = 0.95, seed: int = 0, y_se: Sequence[float] | None = None) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a correlation (pairs resampled with replacement).
 
-    Resamples where a variable is constant are dropped. Returns (nan, nan) for fewer than 3 pairs.
+    With ``y_se`` (each y's standard error, e.g. a checkpoint's IIS over its repeated grids: sd / sqrt(R)), every
+    resampled y is also drawn within its own uncertainty, y + N(0, se²), so the interval carries the measurement
+    noise of each point as well as the choice of points. Resamples where a variable is constant are dropped.
+    Returns (nan, nan) for fewer than 3 pairs.
     Written here rather than with ``scipy.stats.bootstrap``: scipy returns a nan interval as soon as one resample
     is degenerate, which a sweep of a handful of checkpoints hits routinely.
     """
@@ -46,8 +50,11 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "spearman
     n = x.shape[0]
     if n < 3:
         return float("nan"), float("nan")
-    idx = np.random.default_rng(seed).integers(0, n, size=(int(n_boot), n))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(int(n_boot), n))
     bx, by = x[idx], y[idx]
+    if y_se is not None:
+        by = by + rng.standard_normal(by.shape) * np.nan_to_num(np.asarray(y_se, dtype=np.float64))[idx]
     if method == "spearman":
         bx, by = rankdata(bx, axis=1), rankdata(by, axis=1)
     elif method != "pearson":
@@ -61,8 +68,9 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "spearman
 
 
 def correlations(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, ci: float = 0.95,
-                 seed: int = 0) -> dict[str, Any]:
-    """Spearman and Pearson correlation of x and y with p-values (scipy) and bootstrap CIs.
+                 seed: int = 0, y_se: Sequence[float] | None = None) -> dict[str, Any]:
+    """Spearman and Pearson correlation of x and y with p-values (scipy) and bootstrap CIs (``y_se``: see
+    :func:`bootstrap_ci`).
 
     Returns ``{n, spearman, spearman_p, spearman_ci, pearson, pearson_p, pearson_ci}`` (nan when n < 3 or a
     variable is constant). Non-finite pairs are dropped first.
@@ -72,6 +80,8 @@ def correlations(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, ci:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
+    if y_se is not None:
+        y_se = np.asarray(y_se, dtype=np.float64)[keep]
     out: dict[str, Any] = {"n": int(x.size)}
     const = x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0
     for name, fn in (("spearman", spearmanr), ("pearson", pearsonr)):
@@ -81,7 +91,7 @@ def correlations(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, ci:
         res = fn(x, y)
         out[name] = float(res[0])
         out[f"{name}_p"] = float(res[1])
-        out[f"{name}_ci"] = bootstrap_ci(x, y, name, n_boot, ci, seed)
+        out[f"{name}_ci"] = bootstrap_ci(x, y, name, n_boot, ci, seed, y_se)
     return out
 
 
@@ -115,7 +125,28 @@ class Report:
     attribution: list[dict[str, Any]] = field(default_factory=list)  # GridPG vs IIS/acc_std/step (report_attribution)
 
 
-TABLE_COLUMNS = ("step", "model", "library", "iis", "acc_std", "meta.test_acc", "seconds", "path")
+TABLE_COLUMNS = ("step", "model", "library", "iis", "iis_lo", "iis_hi", "iis_boot_lo", "iis_boot_hi", "iis_holdout",
+                 "acc_std", "meta.test_acc", "seconds", "path")
+
+
+def iis_se(d: pd.DataFrame) -> np.ndarray | None:
+    """Each checkpoint's standard error of IIS over its repeated grids (sd / sqrt(R); 0 for a single grid), or None
+    when no row has repeats. The training-noise part only: the evaluation bootstrap's noise is shared by
+    checkpoints scored on the same images, so it is not drawn independently per point."""
+    if "iis_sd" not in d.columns or d["iis_sd"].isna().all():
+        return None
+    return (d["iis_sd"].fillna(0.0) / np.sqrt(d["repeats"].fillna(1.0).clip(lower=1.0))).to_numpy(dtype=float)
+
+
+def iis_bars(d: pd.DataFrame) -> tuple[np.ndarray, str] | None:
+    """Error bars of IIS, [2, n] distances below and above: the seed interval where the rows have one, else the
+    evaluation bootstrap's; None without either. With the interval's name for the legend."""
+    for lo, hi, name in (("iis_lo", "iis_hi", "seed interval"),
+                         ("iis_boot_lo", "iis_boot_hi", "evaluation bootstrap")):
+        if lo in d.columns and d[lo].notna().any():
+            bars = np.vstack([d["iis"] - d[lo], d[hi] - d["iis"]]).astype(float)
+            return np.nan_to_num(bars.clip(min=0.0)), name
+    return None
 
 
 def _short(df: pd.DataFrame) -> pd.DataFrame:
@@ -156,10 +187,11 @@ def make_report(db: str | os.PathLike[str], out_dir: str | os.PathLike[str] | No
         libs = list(dict.fromkeys(ok["library"]))
         for lib in libs:
             d = ok[ok["library"] == lib]
-            rep.correlation[lib] = correlations(d["acc_std"], d["iis"], n_boot=n_boot, seed=seed)
+            rep.correlation[lib] = correlations(d["acc_std"], d["iis"], n_boot=n_boot, seed=seed, y_se=iis_se(d))
             lines.append(f"[{lib}] IIS vs acc_std: {_fmt_corr(rep.correlation[lib])}")
             if has_step:
-                rep.correlation_step[lib] = correlations(d["step"], d["iis"], n_boot=n_boot, seed=seed)
+                rep.correlation_step[lib] = correlations(d["step"], d["iis"], n_boot=n_boot, seed=seed,
+                                                         y_se=iis_se(d))
                 lines.append(f"[{lib}] IIS vs training step: {_fmt_corr(rep.correlation_step[lib])}")
         rep.files["iis_vs_acc"] = _plot_iis_vs_acc(ok, libs, has_step, rep.correlation, out / "iis_vs_acc.png")
         rep.files["arr_curves"] = _plot_arr_curves(ok, libs, has_step, out / "arr_curves.png")
@@ -197,8 +229,13 @@ def _plot_iis_vs_acc(ok: pd.DataFrame, libs: list[str], has_step: bool, corr: di
     fig, axes = _panels(len(libs))
     for ax, lib in zip(axes, libs):
         d, c = ok[ok["library"] == lib], corr[lib]
+        bars = iis_bars(d)
+        if bars is not None:
+            ax.errorbar(d["acc_std"], d["iis"], yerr=bars[0], fmt="none", ecolor="grey", elinewidth=0.8, capsize=2,
+                        zorder=1, label=f"IIS {bars[1]}")
+            ax.legend(loc="lower right", fontsize=8)
         sc = ax.scatter(d["acc_std"], d["iis"], c=d["step"] if has_step else "tab:blue", cmap="viridis",
-                        s=22, edgecolor="k", linewidth=0.3)
+                        s=22, edgecolor="k", linewidth=0.3, zorder=2)
         if has_step:
             fig.colorbar(sc, ax=ax, label="training step")
         ax.set_xlabel("acc_std (linear probe accuracy on the representation)")
@@ -240,6 +277,10 @@ def _plot_trajectory(ok: pd.DataFrame, libs: list[str], corr_step: dict[str, dic
     for ax, lib in zip(axes, libs):
         d = ok[ok["library"] == lib].sort_values("step")
         ax.plot(d["step"], d["iis"], color="tab:red", marker="o", ms=3, lw=1.2, label="IIS")
+        bars = iis_bars(d)
+        if bars is not None:
+            ax.errorbar(d["step"], d["iis"], yerr=bars[0], fmt="none", ecolor="tab:red", elinewidth=0.8, capsize=2,
+                        alpha=0.6, label=f"IIS {bars[1]}")
         ax.set_xlabel("training step")
         ax.set_ylabel("IIS", color="tab:red")
         ax2 = ax.twinx()
