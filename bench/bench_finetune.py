@@ -129,6 +129,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _verdict(arm: str, rs: list[dict[str, Any]], control: dict[int, dict[str, Any]]) -> str:
+    """Whether each paired difference's 95% t-interval excludes 0 (else: no difference measured)."""
+    from scipy import stats
+    out = []
+    for f, what in (("acc_std_after", "test accuracy"), ("iis_after", "IIS")):
+        d = np.array([r[f] - control[r["seed"]][f] for r in rs])
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+        t = stats.t.ppf(0.975, len(d) - 1) if len(d) > 1 else float("inf")
+        word = ("higher" if d.mean() > 0 else "lower") if abs(d.mean()) > t * se else "no measured difference"
+        out.append(f"{what} {word}")
+    return f"{arm} against the control: " + ", ".join(out) + " (95% t-interval of the paired mean)"
+
+
 def _pm(v: list[float], digits: int = 4) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
@@ -161,6 +174,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                 d = np.array([r[f] - control[r["seed"]][f] for r in rs])
                 cells.append(f"{d.mean():+.4f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.4f}")
             lines.append(f"| {row['arm']} | {len(rs)} | " + " | ".join(cells) + " |")
+        lines += ["", "Read as: " + "; ".join(_verdict(row["arm"], [
+            r for r in results["runs"] if r["arm"] == row["arm"] and r["seed"] in control], control)
+            for row in paired) + "."]
     m = results["machine"]
     lines += ["", "Test accuracy is the IIS grid's standard probe (acc_std) on the test images, before and after. "
               f"Measured on {m['cpu']} ({m['threads']} threads"

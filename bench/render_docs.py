@@ -23,6 +23,8 @@ Which script writes which file:
 - ``score_floor``: ``bench/bench_score.py`` -> ``score_floor.json`` (score() against its backbone floor);
 - ``data_share``: ``bench/bench_data_share.py`` -> ``data_share.json`` (FFCV vs DataLoader share of extraction);
 - ``libraries``: ``bench/bench_libraries.py`` -> ``libraries.json`` (IIS per concept library);
+- ``finetune``: ``bench/bench_finetune.py`` -> ``finetune.json`` (+ ``finetune.png``; interpretability-
+  maximising fine-tuning against plain fine-tuning, rendered into the README);
 - ``probe_defaults``: ``bench/probe_official_vs_previous.py`` -> ``probe_official_vs_previous.json`` (How to Probe:
   official attribution forms against iis_fast's earlier defaults).
 
@@ -303,6 +305,11 @@ def render_score_floor() -> str:
     return _rendered_by("bench_score", "score_floor.json", "OMP_NUM_THREADS=2 python bench/bench_score.py")
 
 
+def render_finetune() -> str:
+    """lam = 0 against lam > 0 fine-tuning: accuracy and IIS before/after (bench/bench_finetune.py's Markdown)."""
+    return _rendered_by("bench_finetune", "finetune.json", "nice -n 5 python bench/bench_finetune.py")
+
+
 def render_data_share() -> str:
     """The data path's share of one split's extraction, FFCV vs DataLoader (bench/bench_data_share.py's Markdown)."""
     return _rendered_by("bench_data_share", "data_share.json",
@@ -334,6 +341,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "score_floor": render_score_floor,
     "data_share": render_data_share,
     "libraries": render_libraries,
+    "finetune": render_finetune,
     "probe_defaults": render_probe_defaults,
 }
 

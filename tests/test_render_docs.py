@@ -30,7 +30,8 @@ def test_every_marked_section_matches_bench_results():
 def test_results_are_rendered_where_the_docs_promise_them():
     """Each results file feeds its section, and the README carries exactly one results section: the demo."""
     where = {f.name: _sections(f.read_text()) for f in render_docs.doc_files()}
-    assert where["README.md"] == ["demo"]
+    assert where["README.md"] == ["demo", "finetune"]
+    assert where["applications.md"] == []          # it links to the README's finetune section
     assert where["kernels_cpu.md"] == ["bench_grid"]
     assert where["data.md"] == ["data"]
     assert where["sweep.md"] == ["example_report", "sweep"]
