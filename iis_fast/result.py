@@ -116,6 +116,10 @@ class IISResult:
         curve = ", ".join(f"{s:g}:{a:.3f}" for s, a in zip(self.sparsities, self.arr))
         t = sum(self.timings.values())
         name = f"{self.model} " if self.model else ""
-        return (f"IISResult({name}IIS={self.iis:.4f}, acc_std={self.acc_std:.4f}, library={self.library}, "
+        u = self.uncertainty or {}
+        bars = "".join([f" ±{(u['iis_ci'][1] - u['iis_ci'][0]) / 2:.4f} (R={u['repeats']})" if "iis_ci" in u else "",
+                        " bootstrap [{:.4f}, {:.4f}]".format(*u["bootstrap"]["iis_ci"]) if "bootstrap" in u else "",
+                        f" held-out selection {u['selection']['iis']:.4f}" if "selection" in u else ""])
+        return (f"IISResult({name}IIS={self.iis:.4f}{bars}, acc_std={self.acc_std:.4f}, library={self.library}, "
                 f"M={self.num_concepts}, backend={self.backend}, n_train={self.n_train}, n_eval={self.n_eval}, "
                 f"ARR=[{curve}], {t:.1f}s)" + "".join(f"\nWARNING: {w}" for w in self.warnings))
