@@ -142,17 +142,17 @@ _CHILD = textwrap.dedent("""
     from iis_fast.models.smallcnn import FASHION_MNIST_MEAN, FASHION_MNIST_STD
     torch.manual_seed(0)
     model = create_model("iis_smallcnn", num_classes=10)
-    train, ev = fashion_mnist_loaders(300, 100, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, batch_size=100, seed=0)
+    train, ev = fashion_mnist_loaders(200, 50, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, batch_size=100, seed=0)
     finetune(model, train, ev, lam=1.0, epochs=EPOCHS, num_concepts=20, images_per_class=2, elements="patches",
              batch_size=32, lr=1e-3, progress=False, score_iis=False, cache_dir=sys.argv[2], checkpoint_dir=sys.argv[1])
 """)
-EPOCHS = 6
+EPOCHS = 4
 
 
 def _run(ckdir, cache):
     torch.manual_seed(0)
     model = create_model("iis_smallcnn", num_classes=10)
-    train, ev = fashion_mnist_loaders(300, 100, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, batch_size=100, seed=0)
+    train, ev = fashion_mnist_loaders(200, 50, 28, FASHION_MNIST_MEAN, FASHION_MNIST_STD, batch_size=100, seed=0)
     return finetune(model, train, ev, lam=1.0, epochs=EPOCHS, num_concepts=20, images_per_class=2,
                     elements="patches", batch_size=32, lr=1e-3, progress=False, score_iis=False, cache_dir=cache,
                     checkpoint_dir=ckdir)
@@ -260,3 +260,18 @@ def test_explain_shows_the_largest_weight_times_activation_terms(scored, tmp_pat
     assert Image.open(tmp_path / "ex.png").size[0] > 500
     concept_gallery(r.heads, tmp_path / "gallery.png")
     assert Image.open(tmp_path / "gallery.png").size[1] > 300
+
+
+def test_the_readme_shows_the_experiment_as_measured():
+    """The README's finetune section is bench_finetune's rendering of bench/results/finetune.json: spot checks."""
+    import json
+    sys.path.insert(0, str(ROOT / "bench"))
+    import render_docs
+    res = json.loads((ROOT / "bench" / "results" / "finetune.json").read_text())
+    text = render_docs.render_finetune()
+    assert text in (ROOT / "README.md").read_text()
+    for row in res["summary"]:
+        assert f"| {row['arm']} | {row['n']} | {row['acc_std_before'][0]:.4f} ± {row['acc_std_before'][1]:.4f} | " \
+               f"{row['acc_std_after'][0]:.4f} ± {row['acc_std_after'][1]:.4f} |" in text
+    assert {r["seed"] for r in res["runs"]} >= {0, 1, 2} and {r["lam"] for r in res["runs"]} >= {0.0, 1.0}
+    assert (ROOT / "bench" / "results" / "finetune.png").stat().st_size > 10_000

@@ -23,7 +23,6 @@ How the pieces fit:
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
