@@ -188,9 +188,18 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
     train, ev = _loaders(n_train=100, n_eval=50)
     kw = dict(epochs=1, num_concepts=20, images_per_class=2, elements="patches", progress=False, score_iis=False,
               cache_dir=tmp_path / "cache", checkpoint_dir=tmp_path / "ck")
-    finetune(_smallcnn(), train, ev, lam=1.0, **kw)
+    r = finetune(_smallcnn(), train, ev, lam=1.0, **kw)
     with pytest.raises(IISInputError, match="holds a run with other settings"):
         finetune(_smallcnn(), train, ev, lam=0.5, **kw)
+    # the run's own head explains its predictions: the terms add up to the logit of the jointly trained head
+    from iis_fast.applications import heads_from_finetune
+    heads = heads_from_finetune(r)
+    x, _ = next(iter(ev))
+    ex = explain(r.model, x[0], heads, top=3)
+    with torch.no_grad():
+        logits = r.head.eval()(r.model.eval().forward_head(r.model.forward_features(x[:1]), pre_logits=True))[0]
+    assert ex.prediction == int(logits.argmax()) and ex.logit == pytest.approx(float(logits.max()), abs=1e-4)
+    assert heads.concept_images.shape[0] == 20 and ex.acc_s == r.history.epochs[-1]["eval_acc_concept"]
 
 
 # ------------------------------------------------------------------------------------------------ kept heads
