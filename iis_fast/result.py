@@ -79,7 +79,7 @@ class IISResult:
     # interval ("iis_sd", "iis_ci", per sparsity "acc_ci", "arr_ci"); "bootstrap" (evaluation samples) and
     # "selection" (epoch and lr chosen on a held-out part of TRAIN) when computed
     uncertainty: dict[str, Any] = field(default_factory=dict)
-    # score(..., keep_heads=True): the trained probe and concept heads (iis_fast.applications.heads.KeptHeads);
+    # score(..., keep_heads=True): the trained probe and concept heads (iis_fast.applications.kept_heads.KeptHeads);
     # not part of to_dict / JSON: save_heads / load_heads write and read them
     heads: Any = field(default=None, repr=False, compare=False)
 
@@ -97,8 +97,8 @@ class IISResult:
 
     @staticmethod
     def load_heads(path: str) -> Any:
-        """The :class:`~iis_fast.applications.heads.KeptHeads` of a file written by :meth:`save_heads`."""
-        from .applications.heads import KeptHeads
+        """The :class:`~iis_fast.applications.kept_heads.KeptHeads` of a file written by :meth:`save_heads`."""
+        from .applications.kept_heads import KeptHeads
         return KeptHeads.load(path)
 
     def to_json(self, **kwargs: Any) -> str:

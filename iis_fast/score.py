@@ -45,7 +45,7 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
         num_classes: K (default: 1 + the largest label seen).
         **options: any :class:`IISConfig` field (sparsities, lrs, epochs, batch_size, seed, backend, device, ...),
             and ``keep_heads=True``: keep the reported probe and concept heads in ``result.heads``
-            (:class:`iis_fast.applications.heads.KeptHeads`; docs/applications.md).
+            (:class:`iis_fast.applications.kept_heads.KeptHeads`; docs/applications.md).
     Returns:
         An :class:`IISResult` with iis, acc_std, acc per sparsity, the ARR curve and per-lr results.
     """
@@ -138,8 +138,8 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
         config=cfg.to_dict(), versions=library_versions(), timings={k_: round(v, 4) for k_, v in stats.items()},
         model=meta.get("model", ""), warnings=notes, uncertainty=uncertainty,
     )
-    if keep_heads:          # the reported heads themselves, trained again (iis_fast.applications.heads)
-        from .applications.heads import keep_trained_heads
+    if keep_heads:          # the reported heads themselves, trained again (iis_fast.applications.kept_heads)
+        from .applications.kept_heads import keep_trained_heads
         result.heads = keep_trained_heads(x_tr, y_tr, eval_sets, c, spec, rep_p, best_p, rep_h, best_h, cfg.library)
     return result
 
@@ -270,7 +270,7 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
                        concepts, _timings=timings, keep_heads=keep_heads,
                        _meta={"library": cfg.library, "eval_split": eval_split, "model": model_name}, **opts)
     if keep_heads:          # the element image of each concept, for iis_fast.explain
-        from .applications.heads import attach_concept_images
+        from .applications.kept_heads import attach_concept_images
         attach_concept_images(r.heads, cfg, train, pre)
     return r
 

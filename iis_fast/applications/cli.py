@@ -124,7 +124,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ..score import score
     from .explain import explain
     from .gallery import concept_gallery
-    from .heads import KeptHeads
+    from .kept_heads import KeptHeads
     net = _model(args.model, args.checkpoint)
     train, ev = _loaders(net, args)
     if args.heads:

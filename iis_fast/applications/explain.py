@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import IISInputError
-from .heads import KeptHeads
+from .kept_heads import KeptHeads
 
 
 @dataclass
@@ -141,7 +141,7 @@ def explain(model: Any, image: torch.Tensor, heads: KeptHeads, *, sparsity: floa
 def heads_from_finetune(result: Any) -> KeptHeads:
     """The probe and concept head of a :func:`iis_fast.finetune` run as :class:`KeptHeads` (one sparsity), with
     their eval accuracies from the run's last epoch, for :func:`explain` and the concept gallery."""
-    from .heads import KeptHead, thumbnails
+    from .kept_heads import KeptHead, thumbnails
     h, last = result.head, result.history.epochs[-1]
     cfg = result.history.config
     kept = KeptHead(cfg["sparsity"], int(h.k), cfg["head_lr"], len(result.history.epochs),

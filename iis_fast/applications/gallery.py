@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import IISInputError
-from .heads import KeptHeads
+from .kept_heads import KeptHeads
 
 
 def _plt() -> Any:
