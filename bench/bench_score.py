@@ -133,8 +133,9 @@ def main() -> None:
                                              text=True).stdout.strip()},
            "command": "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_score.py " + " ".join(
                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-               for k, v in vars(args).items() if k not in ("out", "settings", "models", "trajectory", "every",
-                                                           "table_out") and not k.startswith("native")),
+               for k, v in vars(args).items() if k not in ("out", "settings", "trajectory", "every", "table_out")
+               and not k.startswith("native")) + ("" if args.settings == list(SETTINGS) else
+                                                  " --settings " + " ".join(f'"{s}"' for s in args.settings)),
            "args": vars(args), "matmul_gflops": {"start": matmul_gflops()}, "models": {},
            "loadavg": [os.getloadavg()[0]]}
     for name in args.models:
@@ -153,14 +154,15 @@ def main() -> None:
         best_label, best_b, best_rate = max(((lbl, b, r) for lbl, d in res["floor"].items() for b, r in d.items()),
                                             key=lambda t: t[2])
         res["fastest"] = {"setting": best_label, "batch": int(best_b), "images_per_s": best_rate}
-        base = res["settings"][args.settings[0]]["iis"]
+        plain = res["settings"].get("fp32 NCHW (plain)")          # absent when only some settings were run
+        base = plain["iis"] if plain else None
         for label, r in res["settings"].items():
             n_img = args.n_train + args.n_eval + r["n_elements"]
             r["images_embedded"] = n_img
             r["floor_s"] = n_img / best_rate
             r["floor_same_setting_s"] = n_img / max(res["floor"][label].values())
             r["end_to_end_over_floor"] = r["wall_s"] / r["floor_s"]
-            r["iis_change_vs_plain"] = r["iis"] - base
+            r["iis_change_vs_plain"] = r["iis"] - base if base is not None else None
         out["models"][name] = res
     out["matmul_gflops"]["end"] = matmul_gflops()
     out["loadavg"].append(os.getloadavg()[0])
@@ -216,7 +218,9 @@ def render_markdown(res: dict) -> str:
         for label, s in r["settings"].items():
             lines.append(f"| {label} | {s['wall_s']:.1f} | {s['floor_s']:.1f} | {s['end_to_end_over_floor']:.2f}x "
                          f"| {s['extract_s']:.1f} | {s['concepts_s']:.1f} | {s['train_s']:.1f} "
-                         f"| {s['images_embedded']} | {s['iis']:.4f} | {s['iis_change_vs_plain']:+.4f} |")
+                         f"| {s['images_embedded']} | {s['iis']:.4f} | "
+                         + (f"{s['iis_change_vs_plain']:+.4f} |" if s["iis_change_vs_plain"] is not None
+                            else "not run |"))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

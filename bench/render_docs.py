@@ -21,6 +21,8 @@ Which script writes which file:
 - ``demo``: ``bench/bench_demo.py`` -> ``demo.json`` (``iis-fast demo`` from an empty cache);
 - ``gpu_check``: ``bench/gpu_check.sh`` (``bench/gpu_check.py``) -> ``gpu_check.json``;
 - ``score_floor``: ``bench/bench_score.py`` -> ``score_floor.json`` (score() against its backbone floor);
+- ``score_checkpoints`` / ``score_summary``: ``bench/bench_score.py --trajectory ... --native-model ...`` ->
+  ``score_checkpoints.json`` (the same per checkpoint; the README's summary also reads ``score_floor.json``);
 - ``data_share``: ``bench/bench_data_share.py`` -> ``data_share.json`` (FFCV vs DataLoader share of extraction);
 - ``libraries``: ``bench/bench_libraries.py`` -> ``libraries.json`` (IIS per concept library);
 - ``finetune``: ``bench/bench_finetune.py`` -> ``finetune.json`` (+ ``finetune.png``; interpretability-
@@ -310,6 +312,22 @@ def render_finetune() -> str:
     return _rendered_by("bench_finetune", "finetune.json", "nice -n 5 python bench/bench_finetune.py")
 
 
+def render_score_checkpoints() -> str:
+    """Per checkpoint: score() against its backbone floor, for the small-CNN trajectory and a pretrained backbone at
+    its native size (bench/bench_score.py's Markdown)."""
+    return _rendered_by("bench_score", "score_checkpoints.json",
+                        "OMP_NUM_THREADS=2 python bench/bench_score.py --trajectory CKPTS --native-model NAME",
+                        "render_checkpoints_markdown")
+
+
+def render_score_summary() -> str:
+    """The README's end-to-end / floor per stage: demo models, trajectory, 224 px backbone (bench/bench_score.py)."""
+    if not ((RESULTS / "score_floor.json").exists() and (RESULTS / "score_checkpoints.json").exists()):
+        return "Not yet measured: `python bench/bench_score.py` (with and without `--trajectory`) writes it."
+    return _load_local("bench_score").render_summary_markdown(load("score_floor.json"),
+                                                              load("score_checkpoints.json")).strip()
+
+
 def render_data_share() -> str:
     """The data path's share of one split's extraction, FFCV vs DataLoader (bench/bench_data_share.py's Markdown)."""
     return _rendered_by("bench_data_share", "data_share.json",
@@ -339,6 +357,8 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "demo": render_demo,
     "gpu_check": render_gpu_check,
     "score_floor": render_score_floor,
+    "score_checkpoints": render_score_checkpoints,
+    "score_summary": render_score_summary,
     "data_share": render_data_share,
     "libraries": render_libraries,
     "finetune": render_finetune,

@@ -30,14 +30,14 @@ def test_every_marked_section_matches_bench_results():
 def test_results_are_rendered_where_the_docs_promise_them():
     """Each results file feeds its section, and the README carries exactly one results section: the demo."""
     where = {f.name: _sections(f.read_text()) for f in render_docs.doc_files()}
-    assert where["README.md"] == ["demo", "finetune"]
+    assert where["README.md"] == ["demo", "score_summary", "finetune"]
     assert where["applications.md"] == []          # it links to the README's finetune section
     assert where["kernels_cpu.md"] == ["bench_grid"]
     assert where["data.md"] == ["data"]
     assert where["sweep.md"] == ["example_report", "sweep"]
     assert where["probing.md"] == ["probe_comparison", "probe_summary", "attribution"]
     assert "gpu_check" in where["kernels_triton.md"]
-    assert where["throughput.md"] == ["score_floor", "data_share"]
+    assert where["throughput.md"] == ["score_floor", "score_checkpoints", "data_share"]
     assert {s for names in where.values() for s in names} <= set(render_docs.SECTIONS)
 
 
@@ -53,6 +53,17 @@ def test_rendered_numbers_are_those_of_the_results_files():
     ig_bce_wins = sum(by["bce"]["ig"]["gridpg"] >= by["ce"]["ig"]["gridpg"] for by in (
         {r["loss"]: r for r in probe if r["head"] == h} for h in {r["head"] for r in probe}))
     assert re.search(rf"^\| ig \| .* \| {ig_bce_wins} of 6 \|$", render_docs.render_probe_summary(), re.M)
+
+
+def test_the_checkpoint_cost_summary_shows_the_measured_ratios():
+    """The README's end-to-end / floor rows are those of score_floor.json and score_checkpoints.json."""
+    text = render_docs.render_score_summary()
+    for s in (m["settings"].get("bf16 channels-last") for m in render_docs.load("score_floor.json")["models"].values()):
+        assert s is None or f"**{s['end_to_end_over_floor']:.2f}x**" in text
+    table = render_docs.load("score_checkpoints.json")
+    last = table["pretrained"]["rows"][-1]
+    assert f"**{last['end_to_end_over_floor']:.2f}x** | {last['extract_over_floor']:.2f}x" in text
+    assert f"| {table['trajectory']['rows'][0]['step']} |" in render_docs.render_score_checkpoints()
 
 
 def test_a_stale_number_is_detected_and_rewritten(tmp_path):
