@@ -28,7 +28,9 @@ Which script writes which file:
 - ``finetune``: ``bench/bench_finetune.py`` -> ``finetune.json`` (+ ``finetune.png``; interpretability-
   maximising fine-tuning against plain fine-tuning, rendered into the README);
 - ``probe_defaults``: ``bench/probe_official_vs_previous.py`` -> ``probe_official_vs_previous.json`` (How to Probe:
-  official attribution forms against iis_fast's earlier defaults).
+  official attribution forms against iis_fast's earlier defaults);
+- ``sweep_attribution``: ``bench/bench_sweep_attribution.py`` -> ``sweep_attribution.json`` (IIS and GridPG per
+  checkpoint of the small-CNN trajectory and the cost of each per stage; rendered into the README).
 
 The last five are rendered by their script's own ``render_markdown(results: dict) -> str`` (see
 :func:`_rendered_by`); while the script or its results file is missing, the section says "not yet measured".
@@ -339,6 +341,12 @@ def render_libraries() -> str:
     return _rendered_by("bench_libraries", "libraries.json", "python bench/bench_libraries.py", "render")
 
 
+def render_sweep_attribution() -> str:
+    """The README's trajectory result: IIS and attribution quality per checkpoint (bench/bench_sweep_attribution.py)."""
+    return _rendered_by("bench_sweep_attribution", "sweep_attribution.json",
+                        "OMP_NUM_THREADS=1 python bench/bench_sweep_attribution.py CKPTS --db attr.db")
+
+
 def render_probe_defaults() -> str:
     """How to Probe's official attribution forms against the earlier defaults (the bench script's Markdown)."""
     return _rendered_by("probe_official_vs_previous", "probe_official_vs_previous.json",
@@ -363,6 +371,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "libraries": render_libraries,
     "finetune": render_finetune,
     "probe_defaults": render_probe_defaults,
+    "sweep_attribution": render_sweep_attribution,
 }
 
 

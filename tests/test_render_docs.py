@@ -30,7 +30,7 @@ def test_every_marked_section_matches_bench_results():
 def test_results_are_rendered_where_the_docs_promise_them():
     """Each results file feeds its section, and the README carries exactly one results section: the demo."""
     where = {f.name: _sections(f.read_text()) for f in render_docs.doc_files()}
-    assert where["README.md"] == ["demo", "score_summary", "finetune"]
+    assert where["README.md"] == ["demo", "score_summary", "finetune", "sweep_attribution"]
     assert where["applications.md"] == []          # it links to the README's finetune section
     assert where["kernels_cpu.md"] == ["bench_grid"]
     assert where["data.md"] == ["data"]
@@ -106,3 +106,14 @@ def test_links_point_into_the_repository():
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 bad.append(f"{md.name}: {target} (no such heading)")
     assert not bad, "\n".join(bad)
+
+
+def test_the_trajectory_result_shows_the_measured_correlations():
+    """The README's IIS-beside-attribution rows are those of sweep_attribution.json."""
+    r = render_docs.load("sweep_attribution.json")
+    text = render_docs.render_sweep_attribution()
+    for c in r["correlations"]:
+        lo, hi = c["vs_iis"]["spearman_ci"]
+        assert (f"| {c['head']}/{c['loss']} | {c['method']} | {c['gridpg_mean']:.3f} | "
+                f"{r['accuracy_last'][c['head'] + '/' + c['loss']]:.3f} | {c['vs_iis']['spearman']:+.2f} "
+                f"[{lo:+.2f}, {hi:+.2f}]") in text
