@@ -207,8 +207,9 @@ def _sweep(store: ResultStore, t_start: float, checkpoints: Any, data: Any, *, a
         store.release_leases()
         bar.close()
     stats["wall_seconds"] = round(time.perf_counter() - t_start, 3)
-    for k in (*STAGES, "score_seconds"):
-        stats[k] = round(stats[k], 3)
+    for k in (*STAGES, "score_seconds", "attribution_seconds"):
+        if k in stats:
+            stats[k] = round(stats[k], 3)
     if progress:
         print(_summary(stats), file=sys.stderr)
     df = store.dataframe(keys=plan.requested)
@@ -349,4 +350,6 @@ def _summary(stats: dict[str, Any]) -> str:
                      if stats["claimed_elsewhere"] else ""])
     return (f"sweep: {stats['scored']} scored, {stats['failed']} failed, {stats['already_stored']} already stored"
             f"{extra}, {stats['wall_seconds']:.1f}s wall; data prep {stats['data_seconds']:.1f}s; stages (summed over "
-            f"workers): {stages}")
+            f"workers): {stages}"
+            + (f"; attribution measure {stats['attribution_seconds']:.1f}s ({stats['attribution_seconds'] / n:.2f}s/ckpt)"
+               if stats.get("attribution_seconds") else ""))
