@@ -174,3 +174,33 @@ def test_options_are_checked():
                        ({"n_grid": 2}, "n_grids")):
         with pytest.raises(IISInputError, match=what):
             AttributionConfig.from_options(opts)
+
+
+def test_report_correlates_gridpg_with_iis_acc_and_step(tmp_path):
+    """The report's attribution part on a synthetic trajectory: its numbers are correlations() of the rows."""
+    import numpy as np
+
+    from iis_fast.sweeps import make_report
+    from iis_fast.sweeps.report import correlations
+    from test_sweep import _fake_rows
+
+    db, rng = tmp_path / "r.db", np.random.default_rng(1)
+    with ResultStore(db) as store:
+        for r in _fake_rows(8):
+            att = [{"measure": "attribution", "checkpoint": r["checkpoint"], "path": r["path"], "step": r["step"],
+                    "config_hash": "a", "head": head, "loss": "bce", "method": "gradcam", "status": "ok",
+                    "accuracy": r["acc_std"], "gridpg": float(rng.random()), "config_json": "{}"}
+                   for head in ("linear", "bcos2")]
+            store.write_checkpoint([r, *att])
+    rep = make_report(db, tmp_path / "out", n_boot=200)
+    assert {"gridpg_vs_iis", "trajectory_attribution"} <= set(rep.files)
+    assert all(Path(rep.files[k]).stat().st_size > 0 for k in ("gridpg_vs_iis", "trajectory_attribution"))
+    rows = load_attribution(db).merge(rep.table[["checkpoint", "iis", "acc_std"]], on="checkpoint")
+    assert [(c["head"], c["method"]) for c in rep.attribution] == [("bcos2", "gradcam"), ("linear", "gradcam")]
+    for c in rep.attribution:
+        d = rows[rows["head"] == c["head"]]
+        assert c["vs_iis"] == correlations(d["iis"], d["gridpg"], n_boot=200)
+        assert c["vs_acc_std"] == correlations(d["acc_std"], d["gridpg"], n_boot=200)
+        assert c["vs_step"] == correlations(d["step"], d["gridpg"], n_boot=200)
+    assert "GridPG per probe and method" in rep.text and "Attribution quality" in (tmp_path / "out" /
+                                                                                   "report.html").read_text()
