@@ -204,3 +204,20 @@ def test_report_correlates_gridpg_with_iis_acc_and_step(tmp_path):
         assert c["vs_step"] == correlations(d["step"], d["gridpg"], n_boot=200)
     assert "GridPG per probe and method" in rep.text and "Attribution quality" in (tmp_path / "out" /
                                                                                    "report.html").read_text()
+
+
+def test_command_line_options_reach_the_measure():
+    import argparse
+
+    from iis_fast.sweeps.cli import _attribution_options, register
+
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers(dest="command"))
+    a = p.parse_args(["sweep", "ck/", "--measure", "iis,attribution", "--probe-heads", "linear", "--probe-methods",
+                      "gradcam,ig", "--grids", "4", "--probe-hidden", "32"])
+    assert a.measure == "iis,attribution"
+    opts = _attribution_options(a)
+    assert opts == {"heads": "linear", "methods": "gradcam,ig", "n_grids": 4, "hidden": 32}
+    cfg = AttributionConfig.from_options(opts)
+    assert (cfg.heads, cfg.methods, cfg.n_grids, cfg.losses) == (("linear",), ("gradcam", "ig"), 4, ("ce", "bce"))
+    assert _attribution_options(p.parse_args(["sweep", "ck/"])) == {}

@@ -49,9 +49,14 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                attribution=_attribution_options(a), **model_options(a), **score_options(a))
     ok = df[df["status"] == "ok"] if not df.empty else df
     print(f"{len(ok)} ok / {len(df)} rows in {a.out}")
-    if "attribution" in df.attrs:
-        att = df.attrs["attribution"]
+    att = df.attrs.get("attribution")
+    if att is not None:
         print(f"{int((att['status'] == 'ok').sum())} ok / {len(att)} attribution rows in {a.out}")
+        if not att.empty and (att["status"] != "ok").all():
+            first = str(att["error"].dropna().iloc[0]).splitlines()[0] if att["error"].notna().any() else "?"
+            print(f"iis-fast: error: the attribution measure failed for every checkpoint; first error: {first}",
+                  file=sys.stderr)
+            return 1
     with ResultStore(a.out) as store:
         for path in a.export or []:
             print(f"exported {store.export(path)}")
