@@ -1,4 +1,4 @@
-"""Sweeps: score hundreds of checkpoints resumably, on one machine or a cluster (issue 5).
+"""Sweeps: score hundreds of checkpoints resumably, on one machine or a cluster.
 
 - :func:`sweep` (``checkpoints, data, *, arch, out, executor, workers, retry_failed, **score_options``) ->
   a pandas DataFrame, backed by an SQLite database (:class:`ResultStore`);

@@ -1,4 +1,4 @@
-"""The ``attribution`` measure of a sweep: How-to-Probe attribution quality beside IIS, per checkpoint (issue 19).
+"""The ``attribution`` measure of a sweep: How-to-Probe attribution quality beside IIS, per checkpoint.
 
 For each checkpoint the worker builds the backbone, extracts its last-stage spatial maps of the sweep's TRAIN and
 evaluation images once (:func:`~iis_fast.probing.spatial.extract_spatial`), trains every requested probe at once

@@ -1,4 +1,4 @@
-"""The report's attribution part (issue 19): GridPG of the sweep's probes against IIS, acc_std and training step.
+"""The report's attribution part: GridPG of the sweep's probes against IIS, acc_std and training step.
 
 For a database swept with ``measures=("iis", "attribution")``, :func:`attribution_report` adds to the report:
 
