@@ -27,6 +27,7 @@ Which script writes which file:
 - ``libraries``: ``bench/bench_libraries.py`` -> ``libraries.json`` (IIS per concept library);
 - ``finetune``: ``bench/bench_finetune.py`` -> ``finetune.json`` (+ ``finetune.png``; interpretability-
   maximising fine-tuning against plain fine-tuning, rendered into the README);
+- ``repeats``: ``bench/bench_repeats.py`` -> ``repeats.json`` (what error bars on IIS cost, and the spread of IIS);
 - ``probe_defaults``: ``bench/probe_official_vs_previous.py`` -> ``probe_official_vs_previous.json`` (How to Probe:
   official attribution forms against iis_fast's earlier defaults);
 - ``sweep_attribution``: ``bench/bench_sweep_attribution.py`` -> ``sweep_attribution.json`` (IIS and GridPG per
@@ -281,6 +282,14 @@ def render_demo() -> str:
              f"Measured on {m['cpu']} ({m['cpus']} cores, load average {res['loadavg'][0]:.1f} -> "
              f"{res['loadavg'][1]:.1f}), git {res['git']}: **{_minutes(res['wall_s'])}** for the whole command "
              f"from an empty feature cache, setup excluded."]
+    rows = [r for r in res["rows"] if (r.get("uncertainty") or {}).get("repeats", 1) > 1]
+    if rows:
+        u0 = rows[0]["uncertainty"]
+        first = ", ".join(f"{r['model']} {r['uncertainty']['iis_repeats'][0]:.4f}" for r in rows)
+        lines.append(f"IIS is the mean of {u0['repeats']} grids (seeds); ±seeds: half-width of its "
+                     f"{100 * u0['level']:.0f}% interval; eval bootstrap: the evaluation-sample interval; held-out sel.: "
+                     f"epoch and lr chosen on 10% of TRAIN ([spec.md §1.10](docs/spec.md#110-error-bars)). The first "
+                     f"grid alone (seed 0, what `--repeats 1` reports): {first}.")
     ref = res.get("reference")
     if ref:
         iis = ", ".join(f"{r['model']} {r['iis']:.4f}" for r in ref["rows"])
@@ -330,6 +339,11 @@ def render_score_summary() -> str:
                                                               load("score_checkpoints.json")).strip()
 
 
+def render_repeats() -> str:
+    """R = 1, 5, 10 grids per model: cost per grid and per checkpoint, the spread of IIS (bench/bench_repeats.py)."""
+    return _rendered_by("bench_repeats", "repeats.json", "OMP_NUM_THREADS=2 python bench/bench_repeats.py")
+
+
 def render_data_share() -> str:
     """The data path's share of one split's extraction, FFCV vs DataLoader (bench/bench_data_share.py's Markdown)."""
     return _rendered_by("bench_data_share", "data_share.json",
@@ -371,6 +385,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "libraries": render_libraries,
     "finetune": render_finetune,
     "probe_defaults": render_probe_defaults,
+    "repeats": render_repeats,
     "sweep_attribution": render_sweep_attribution,
 }
 

@@ -32,10 +32,19 @@ def run_demo(models: Sequence[str] = DEMO_MODELS, n_train: int = 2000, n_eval: i
 
 
 def format_table(rows: list[tuple[str, IISResult, float]]) -> str:
-    head = f"{'model':<20} {'acc_std':>8} {'IIS':>7} {'acc@s=0.5':>10} {'acc@s=0.98':>11} {'backend':>8} {'time(s)':>8}"
+    """The demo's table. With error bars (docs/spec.md §1.10): ``±seeds`` is the half-width of the confidence interval
+    of the mean IIS over ``repeats`` grids, ``eval bootstrap`` the evaluation-sample interval, ``held-out sel.`` the
+    IIS with epoch and lr chosen on a held-out part of TRAIN (``selection_check``); "-" where not computed."""
+    head = (f"{'model':<20} {'acc_std':>8} {'IIS':>7} {'±seeds':>7} {'eval bootstrap':>16} {'held-out sel.':>13} "
+            f"{'acc@s=0.5':>10} {'acc@s=0.98':>11} {'backend':>8} {'time(s)':>8}")
     lines = [head, "-" * len(head)]
     for name, r, t in rows:
         acc = dict(zip(r.sparsities, r.acc))
-        lines.append(f"{name:<20} {r.acc_std:>8.4f} {r.iis:>7.4f} {acc.get(0.5, float('nan')):>10.4f} "
-                     f"{acc.get(0.98, float('nan')):>11.4f} {r.backend:>8} {t:>8.1f}")
+        u = r.uncertainty or {}
+        seeds = f"±{(u['iis_ci'][1] - u['iis_ci'][0]) / 2:.4f}" if "iis_ci" in u else "-"
+        boot = "[{:.4f},{:.4f}]".format(*u["bootstrap"]["iis_ci"]) if "bootstrap" in u else "-"
+        held = f"{u['selection']['iis']:.4f}" if "selection" in u else "-"
+        lines.append(f"{name:<20} {r.acc_std:>8.4f} {r.iis:>7.4f} {seeds:>7} {boot:>16} {held:>13} "
+                     f"{acc.get(0.5, float('nan')):>10.4f} {acc.get(0.98, float('nan')):>11.4f} {r.backend:>8} "
+                     f"{t:>8.1f}")
     return "\n".join(lines)
