@@ -400,20 +400,6 @@ def interval_columns(u: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def interval_columns(u: dict[str, Any]) -> dict[str, Any]:
-    """The error bars of a result's ``uncertainty`` (docs/spec.md §1.10) as table columns: ``repeats``; with
-    repeats >= 2 ``iis_sd``, ``iis_lo``, ``iis_hi`` (seed interval of the mean); ``iis_boot_lo`` / ``iis_boot_hi``
-    (evaluation bootstrap); ``iis_holdout`` (epoch and lr chosen on a held-out part of TRAIN)."""
-    out: dict[str, Any] = {"repeats": u.get("repeats", 1)}
-    if "iis_ci" in u:
-        out.update(iis_sd=u["iis_sd"], iis_lo=u["iis_ci"][0], iis_hi=u["iis_ci"][1])
-    if "bootstrap" in u:
-        out.update(iis_boot_lo=u["bootstrap"]["iis_ci"][0], iis_boot_hi=u["bootstrap"]["iis_ci"][1])
-    if "selection" in u:
-        out["iis_holdout"] = u["selection"]["iis"]
-    return out
-
-
 def expand_results(df: pd.DataFrame) -> pd.DataFrame:
     """Add ``acc@s`` / ``arr@s`` and the error-bar columns of :func:`interval_columns` (from ``result_json``) and
     ``meta.*`` columns (from ``meta_json``)."""
@@ -427,7 +413,6 @@ def expand_results(df: pd.DataFrame) -> pd.DataFrame:
             for s, a, q in zip(r["sparsities"], r["acc"], r["arr"]):
                 row[f"acc@{s:g}"] = a
                 row[f"arr@{s:g}"] = q
-            row.update(interval_columns(r.get("uncertainty") or {}))
             row.update(interval_columns(r.get("uncertainty") or {}))
         if isinstance(mj, str) and mj:
             for k, v in json.loads(mj).items():
