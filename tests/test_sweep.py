@@ -352,3 +352,15 @@ def test_store_rolls_back_a_checkpoint_that_fails_mid_write(tmp_path):
         assert store.count() == 0 and len(store.attempts()) == 0   # all or nothing per checkpoint
         store.write_checkpoint([good])
         assert store.count() == 1
+
+
+def test_config_fields_added_later_keep_old_rows_at_their_defaults():
+    """A database written before repeats/bootstrap/confidence/selection_check existed keeps its rows: at their
+    defaults those fields leave the config hash unchanged; any other value is another setting."""
+    from iis_fast.config import IISConfig
+    from iis_fast.sweeps.store import config_hash
+    new = IISConfig(progress=False).to_dict()
+    old = {k: v for k, v in new.items() if k not in ("repeats", "bootstrap", "confidence", "selection_check")}
+    assert config_hash(new, "d") == config_hash(old, "d")
+    for change in ({"repeats": 5}, {"bootstrap": 0}, {"confidence": 0.9}, {"selection_check": True}):
+        assert config_hash({**new, **change}, "d") != config_hash(new, "d"), change

@@ -17,6 +17,7 @@ host, process gone) or expired is taken over.
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import pandas as pd
 
+from ..config import IISConfig
 from ..errors import IISInputError
 
 __all__ = ["ResultStore", "StoredRow", "config_hash", "check_export_path", "RESULT_COLUMNS", "IGNORED_CONFIG_KEYS",
@@ -150,9 +152,16 @@ def _owner_alive(owner: str) -> bool:
     return True
 
 
+#: IISConfig fields added after rows were first stored: left out of the hash at their default, so a database
+#: written before they existed is not re-scored (its IIS is what the default computes; only the intervals are absent).
+_NEW_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(IISConfig)
+                                       if f.name in ("repeats", "bootstrap", "confidence", "selection_check")}
+
+
 def config_hash(config: dict[str, Any], data_key: str) -> str:
     """Identity of a measurement setting: every IISConfig field that changes the numbers, plus the data's key."""
-    kept = {k: v for k, v in sorted(config.items()) if k not in IGNORED_CONFIG_KEYS}
+    kept = {k: v for k, v in sorted(config.items()) if k not in IGNORED_CONFIG_KEYS
+            and not (k in _NEW_FIELD_DEFAULTS and v == _NEW_FIELD_DEFAULTS[k])}
     blob = json.dumps({"config": kept, "data": data_key}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
