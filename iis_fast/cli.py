@@ -243,6 +243,11 @@ def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     traceback."""
     from .errors import one_line_warnings
     one_line_warnings()
+    # Ctrl-C stops pool workers mid-work; multiprocessing's resource tracker (a process that inherits this
+    # environment) then unlinks the semaphores they held and warns that it did. That is the cleanup working, so the
+    # interrupt stays one line.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"),
+                                                          "ignore:resource_tracker:UserWarning")))
     from .errors import BackendUnavailable, IISInputError
     try:
         precheck(args)
