@@ -187,12 +187,14 @@ def main_table(args) -> None:
         cmd += (f" --native-model {args.native_model} --native-n-train {args.native_n_train} "
                 f"--native-n-eval {args.native_n_eval} --native-images-per-class {args.native_images_per_class}")
     cmd += f" --floor-images {args.floor_images}"
-    out = {"machine": _machine(), "command": cmd, "loadavg": [os.getloadavg()[0]]}
-    if args.native_model:
-        out["pretrained"] = pretrained_table(args)
-    if args.trajectory:
-        out["trajectory"] = trajectory_table(args)
-    out["loadavg"].append(os.getloadavg()[0])
+    out = {"machine": _machine()}
+    for part, build, wanted in (("pretrained", pretrained_table, args.native_model),
+                                ("trajectory", trajectory_table, args.trajectory)):
+        if wanted:
+            load0 = os.getloadavg()[0]
+            out[part] = build(args)
+            out[part]["measured"] = {"command": cmd, "git": out["machine"]["git"],
+                                     "loadavg": [load0, os.getloadavg()[0]]}
     Path(args.table_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table_out).write_text(json.dumps(out, indent=1))
     print(render_checkpoints_markdown(out))
@@ -340,10 +342,13 @@ def pretrained_table(args) -> dict:
 def render_checkpoints_markdown(res: dict) -> str:
     """The docs' per-checkpoint tables of a ``score_checkpoints.json``."""
     m = res["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, git "
-             f"{m['git']}; load average {res['loadavg'][0]:.1f} at the start, {res['loadavg'][1]:.1f} at the end "
-             "(a shared machine: each row's floor is measured right after its score(), so the ratios hold).", "",
-             f"Command: `{res['command']}`", ""]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']} (a shared "
+             "machine: each row's floor is measured right after its score(), so the ratios hold).", ""]
+
+    def measured(part: dict) -> list[str]:
+        w = part["measured"]
+        return [f"Measured at git {w['git']}, load average {w['loadavg'][0]:.1f} at the start, {w['loadavg'][1]:.1f} "
+                f"at the end: `{w['command']}`", ""]
     head = ("| end-to-end s | floor s | **end-to-end / floor** | extract s (/ floor) | concepts s (/ floor) | heads s "
             "| elements | IIS |")
     rule = "|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -360,7 +365,7 @@ def render_checkpoints_markdown(res: dict) -> str:
                   f"({len(t['rows'])} scored), {t['n_train']} TRAIN / {t['n_eval']} TEST Fashion-MNIST images at "
                   f"{r0['image_size']} px, one cache as in a sweep worker (the first checkpoint builds the element "
                   f"images, the others read them). Floor: {r0['floor_setting']}, batch {r0['floor_batch']}.", "",
-                  "| step | test acc " + head, "|---:|---:" + rule]
+                  *measured(t), "| step | test acc " + head, "|---:|---:" + rule]
         lines += [f"| {r['step']} | {r['test_acc']:.3f} " + cells(r) for r in t["rows"]]
         ratios = sorted(r["end_to_end_over_floor"] for r in t["rows"][1:]) or [r0["end_to_end_over_floor"]]
         lines += ["", f"Median end-to-end / floor after the first checkpoint: {ratios[len(ratios) // 2]:.2f}x.", ""]
@@ -371,7 +376,7 @@ def render_checkpoints_markdown(res: dict) -> str:
                   f"image), {p['n_train']} TRAIN / {p['n_eval']} TEST Fashion-MNIST images, {p['images_per_class']} "
                   f"concept-source images per class. Floor: "
                   f"{r0['floor_setting']}, batch {r0['floor_batch']} ({r0['floor_images_per_s']:.0f} img/s).", "",
-                  "| run " + head, "|---" + rule]
+                  *measured(p), "| run " + head, "|---" + rule]
         lines += [f"| {r['run']} " + cells(r) for r in p["rows"]]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
