@@ -68,6 +68,16 @@ def add_progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (shown on stderr by default)")
 
 
+def add_data_options(p: argparse.ArgumentParser, default: str | None = None, default_note: str = "") -> None:
+    """``--data`` (TRAIN data, required unless ``default`` is given) and ``--eval-data`` of every command that
+    reads a dataset (`score`, `sweep`, `finetune`, `explain`)."""
+    from .data.sources import DATA_SPEC_HELP
+    p.add_argument("--data", required=default is None, default=default,
+                   help=f"TRAIN data: {DATA_SPEC_HELP}{default_note}")
+    p.add_argument("--eval-data", help="evaluation data of the same kind as --data (a .beton file or an image folder "
+                                       "with the same class folders)")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """How a checkpoint is read into the model (`score`, `sweep`)."""
     g = p.add_argument_group("checkpoint options")
@@ -157,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_options(d)
     d.set_defaults(func=cmd_demo)
 
-    from .data.sources import DATA_SPEC_HELP
     s = sub.add_parser(
         "score", help="IIS of one model on a dataset (Fashion-MNIST, a .beton file or an image folder)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -171,9 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="timm model name, e.g. resnet50 or mobilenetv2_100")
     s.add_argument("--checkpoint", help="weights to load: a state_dict / training checkpoint (.pt, .pth, .ckpt) "
                                         "or .safetensors file")
-    s.add_argument("--data", required=True, help=f"TRAIN data: {DATA_SPEC_HELP}")
-    s.add_argument("--eval-data", help="evaluation data of the same kind as --data (a .beton file or an image folder "
-                                       "with the same class folders)")
+    add_data_options(s)
     s.add_argument("--layer", help="submodule whose pooled output is the representation (default: pre-logits)")
     s.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     s.add_argument("--json", help="write the full result as JSON here")

@@ -14,7 +14,8 @@ def _update(text: str) -> str | int:
 
 def register(subparsers: Any) -> None:
     """Add the ``finetune`` and ``explain`` subcommands to an ``argparse`` subparsers object."""
-    from ..data.sources import DATA_SPEC_HELP
+    from ..cli import add_data_options, add_progress_option
+    from ..config import PRESET_CHOICES
     f = subparsers.add_parser(
         "finetune", help="fine-tune a backbone so that its sparse concept interpretation classifies (IIS paper)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -26,8 +27,7 @@ def register(subparsers: Any) -> None:
                "--image-size 64 --lam 1 --epochs 2 --lr 1e-3 --train-blocks 2 --out ft.pt --json ft.json")
     f.add_argument("model", help="timm model name (packaged ImageNet weights where they exist)")
     f.add_argument("--checkpoint", help="weights to start from instead of the packaged ones")
-    f.add_argument("--data", required=True, help=f"TRAIN data: {DATA_SPEC_HELP}")
-    f.add_argument("--eval-data", help="evaluation data of the same kind as --data")
+    add_data_options(f)
     f.add_argument("--lam", type=float, required=True, help="weight of the concept head's loss (0: plain fine-tuning)")
     f.add_argument("--sparsity", type=float, default=0.1, help="s of the concept head (default 0.1, as the paper)")
     f.add_argument("--num-concepts", type=int, default=200)
@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     f.add_argument("--train-blocks", type=int, default=None, help="fine-tune only the last N blocks (default: all)")
     f.add_argument("--concept-update", type=_update, default="epoch", help="epoch (default), fixed, or N steps")
     f.add_argument("--images-per-class", type=int, default=10)
-    f.add_argument("--elements", default="both", choices=("patches", "segments", "both"))
+    f.add_argument("--elements", default="both", choices=PRESET_CHOICES["elements"])
     f.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto", help="auto (CUDA where a GPU exists), cpu, cuda, ...")
@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
     f.add_argument("--no-iis", action="store_true", help="skip IIS before/after")
     f.add_argument("--out", help="write the fine-tuned model's state_dict here (.pt)")
     f.add_argument("--json", help="write the history (loss terms, eval accuracy, IIS before/after) here")
-    f.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(f)
     f.set_defaults(func=cmd_finetune)
 
     e = subparsers.add_parser(
@@ -60,8 +60,7 @@ def register(subparsers: Any) -> None:
                "--image-size 64 --index 3 --sparsity 0.9 --png ex.png --gallery concepts.png")
     e.add_argument("model", help="timm model name")
     e.add_argument("--checkpoint", help="weights to load")
-    e.add_argument("--data", required=True, help=f"TRAIN data: {DATA_SPEC_HELP}")
-    e.add_argument("--eval-data", help="evaluation data of the same kind as --data")
+    add_data_options(e)
     e.add_argument("--heads", help="heads file from --save-heads (skips scoring)")
     e.add_argument("--save-heads", help="write the kept heads here (.safetensors)")
     e.add_argument("--index", type=int, default=0, help="which evaluation image (default 0)")
@@ -72,7 +71,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--png", required=True, help="the explanation picture")
     e.add_argument("--gallery", help="also draw the concept library, grouped by class, here")
     e.add_argument("--json", help="write the explanation here")
-    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_progress_option(e)
     e.set_defaults(func=cmd_explain)
 
 

@@ -7,8 +7,8 @@ import sys
 from typing import Any
 
 from ..config import SWEEP_EXTRACT_BATCH_SIZE
-from ..cli import add_model_options, add_progress_option, add_score_options, model_options, score_options
-from ..data.sources import DATA_SPEC_HELP
+from ..cli import (add_data_options, add_model_options, add_progress_option, add_score_options, model_options,
+                   score_options)
 
 __all__ = ["register"]
 
@@ -131,10 +131,8 @@ def register(subparsers: Any) -> None:
                "  iis-fast report results.db")
     s.add_argument("checkpoints", nargs="+",
                    help="checkpoint files, folders, globs, or .csv/.txt lists of model_name,path[,step,...]")
-    s.add_argument("--data", default="fashion-mnist",
-                   help=f"TRAIN data: {DATA_SPEC_HELP}; default fashion-mnist (2000 train / 1000 test images)")
-    s.add_argument("--eval-data", help="evaluation data of the same kind as --data (a .beton file or an image folder "
-                                       "with the same class folders)")
+    add_data_options(s, default="fashion-mnist",
+                     default_note="; default fashion-mnist (2000 train / 1000 test images)")
     s.add_argument("--arch", help="timm model name for checkpoints that do not name one (e.g. resnet18, iis_smallcnn)")
     s.add_argument("--out", default="results.db", help="results database (SQLite; default results.db)")
     s.add_argument("--executor", default="local", choices=["local", "inline", "ray", "slurm"],
