@@ -140,7 +140,7 @@ def score_features(train_x: Any, train_y: Any, eval_x: Any, eval_y: Any, concept
     )
     if keep_heads:          # the reported heads themselves, trained again (iis_fast.applications.kept_heads)
         from .applications.kept_heads import keep_trained_heads
-        result.heads = keep_trained_heads(x_tr, y_tr, eval_sets, c, spec, rep_p, best_p, rep_h, best_h, cfg.library)
+        result.heads = keep_trained_heads(x_tr, y_tr, eval_sets, c, spec, sels[0], cfg.library)
     return result
 
 

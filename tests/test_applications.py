@@ -234,6 +234,19 @@ def test_kept_heads_are_the_reported_heads_and_survive_save_and_load(scored, tmp
         back.head_at(0.3)
 
 
+def test_kept_heads_follow_a_held_out_selection(tmp_path):
+    """selection="holdout": lr and epoch are chosen on the held-out part of TRAIN, and the kept heads are those
+    (not the heads that happen to score best on the reported split)."""
+    train, ev = _loaders(n_train=200, n_eval=100)
+    r = iis_fast.score(_smallcnn(1), train, eval_loader=ev, keep_heads=True, backend="reference", num_concepts=30,
+                       images_per_class=2, elements="patches", sparsities=(0.0, 0.5, 0.8, 0.9, 0.95),
+                       lrs=(1e-3, 1e-2, 1e-1), epochs=4, selection="holdout", progress=False,
+                       cache_dir=str(tmp_path / "cache"))
+    # this grid's held-out choice is not the eval split's best somewhere, so the check below can tell them apart
+    assert any(a < max(row) for a, row in zip(r.acc, r.acc_per_lr))
+    assert [h.acc for h in r.heads.heads] == r.acc and r.heads.acc_std == r.acc_std
+
+
 def test_kept_concept_images_are_the_elements_the_concepts_were_embedded_from(scored):
     """Each kept element image, embedded again, gives its row of C (up to the thumbnail's uint8 rounding)."""
     from iis_fast.features import representation_fn

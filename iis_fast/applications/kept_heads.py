@@ -131,12 +131,11 @@ class KeptHeads:
 
 
 def keep_trained_heads(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[torch.Tensor, torch.Tensor]],
-                       concepts: torch.Tensor, spec: Any, rep_probe: np.ndarray, best_probe: np.ndarray,
-                       rep_heads: np.ndarray, best_heads: np.ndarray, library: str) -> KeptHeads:
+                       concepts: torch.Tensor, spec: Any, selection: Any, library: str) -> KeptHeads:
     """Train again, with the reference trainer, the probe and the concept head per sparsity that the result reports.
 
-    ``rep_probe [L]`` / ``best_probe [L]``: reported accuracy and selected epoch per lr of the probe;
-    ``rep_heads [S, L]`` / ``best_heads [S, L]`` those of the heads (as :func:`iis_fast.score_features` computes).
+    ``selection``: the first grid's :class:`iis_fast.uncertainty.Selection` (lr and best epoch of the probe and of
+    every head, chosen on the selection split, which is the reported split unless ``selection="holdout"``).
     """
     from ..backends.reference import ConceptHead, accuracy, make_probe, train_head
     if spec.assignment is not None:
@@ -147,15 +146,15 @@ def keep_trained_heads(x: torch.Tensor, y: torch.Tensor, eval_sets: list[tuple[t
     x, y = x.float().cpu(), y.cpu()
     sets = [(a.float().cpu(), b.cpu()) for a, b in eval_sets]
     c = concepts.float().cpu()
-    li = int(np.argmax(rep_probe))
+    li = int(selection.lr_p)
     torch.manual_seed(spec.seed)
     probe = make_probe(x.shape[1], spec.num_classes, spec.seed)
-    train_head(probe, x, y, sets, spec.lrs[li], dataclasses.replace(spec, epochs=int(best_probe[li]) + 1))
+    train_head(probe, x, y, sets, spec.lrs[li], dataclasses.replace(spec, epochs=int(selection.best_p[li]) + 1))
     acc_std = accuracy(probe.eval(), *sets[-1])
     kept = []
     for si, (s, k) in enumerate(zip(spec.sparsities, spec.ks(c.shape[0]))):
-        lj = int(np.argmax(rep_heads[si]))
-        ep = int(best_heads[si, lj]) + 1
+        lj = int(selection.lr_h[si])
+        ep = int(selection.best_h[si, lj]) + 1
         head = ConceptHead(c, spec.num_classes, k, spec.seed, 1 + si)
         train_head(head, x, y, sets, spec.lrs[lj], dataclasses.replace(spec, epochs=ep))
         head.eval()
