@@ -91,8 +91,8 @@ def render_markdown(res: dict) -> str:
     """The cost table and the spread of IIS, for docs/spec.md §1.10."""
     m0 = res["machine"]
     lines = ["Cost (`bench/bench_repeats.py`, `bench/results/repeats.json`): seconds on "
-             f"{m0['cpu']} ({m0['cpus']} cores, load average {res['loadavg'][0]:.1f} -> {res['loadavg'][1]:.1f}, "
-             f"shared with other jobs), git {res['git']}. Grid = the R grids' training (median of "
+             f"{m0['cpu']} ({m0['cpus']} cores, load average {res['loadavg'][0]:.1f} -> {res['loadavg'][1]:.1f}), "
+             f"git {res['git']}. Grid = the R grids' training (median of "
              f"{res['rounds']} interleaved rounds, features cached); error bars = selection, seed interval and the "
              "1,000-resample bootstrap; checkpoint = `score()` from an empty feature cache (cpp, one run each).", "",
              "| model | backend | R | grids (s) | per grid (s) | x one grid | error bars (s) |",
