@@ -187,7 +187,8 @@ def main_table(args) -> None:
         cmd += (f" --native-model {args.native_model} --native-n-train {args.native_n_train} "
                 f"--native-n-eval {args.native_n_eval} --native-images-per-class {args.native_images_per_class}")
     cmd += f" --floor-images {args.floor_images}"
-    out = {"machine": _machine()}
+    table = Path(args.table_out)       # a part not measured in this run keeps its earlier measurement
+    out = {**(json.loads(table.read_text()) if table.exists() else {}), "machine": _machine()}
     for part, build, wanted in (("pretrained", pretrained_table, args.native_model),
                                 ("trajectory", trajectory_table, args.trajectory)):
         if wanted:
@@ -195,8 +196,8 @@ def main_table(args) -> None:
             out[part] = build(args)
             out[part]["measured"] = {"command": cmd, "git": out["machine"]["git"],
                                      "loadavg": [load0, os.getloadavg()[0]]}
-    Path(args.table_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.table_out).write_text(json.dumps(out, indent=1))
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(json.dumps(out, indent=1))
     print(render_checkpoints_markdown(out))
 
 
