@@ -87,6 +87,32 @@ def test_added_measure_keeps_iis_rows_and_equals_the_probing_api(tmp_path, ckpts
     assert again.attrs["attribution"].drop(columns=["created_at"]).equals(att.drop(columns=["created_at"]))
 
 
+def test_an_overwritten_checkpoint_keeps_its_old_attribution_rows_as_history(tmp_path):
+    from iis_fast.features import file_sha256
+    from iis_fast.models.smallcnn import SmallCNN
+    paths = _make_ckpts(tmp_path / "ck", 2)
+    kw = dict(arch="iis_smallcnn", out=tmp_path / "r.db", executor="inline", threads=1, progress=False,
+              cache_dir=str(tmp_path / "cache"), measures="iis,attribution", attribution=ATTR, **TINY)
+    old = sweep(paths, DATA, **kw).attrs["attribution"]
+    torch.manual_seed(1234)
+    torch.save({"state_dict": SmallCNN().state_dict(), "step": 10, "test_acc": 0.1}, paths[1])   # other weights
+    df = sweep(paths, DATA, **kw)
+    new = df.attrs["attribution"]
+    assert df.attrs["sweep"]["scored"] == 1 and len(new) == 2 * ROWS_PER_CKPT
+    mine = new["path"] == str(paths[1])
+    assert (new[mine]["content_hash"] == file_sha256(paths[1])).all()
+    assert new[~mine].drop(columns=["created_at"]).equals(old[old["path"] == str(paths[0])]
+                                                         .drop(columns=["created_at"]))
+    hist = load_attribution(tmp_path / "r.db", status=None, history=True)
+    was = old[old["path"] == str(paths[1])].reset_index(drop=True)
+    assert len(hist) == ROWS_PER_CKPT and hist["replaced_at"].notna().all()
+    assert hist.drop(columns=["replaced_at"]).equals(was)         # the old rows, every column as it was
+    assert not new[mine]["gridpg"].reset_index(drop=True).equals(was["gridpg"])
+    again = sweep(paths, DATA, **kw)                               # nothing changed: nothing moves
+    assert again.attrs["sweep"]["scored"] == 0
+    assert len(load_attribution(tmp_path / "r.db", status=None, history=True)) == ROWS_PER_CKPT
+
+
 _SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})

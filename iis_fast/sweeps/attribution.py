@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS attribution (
     PRIMARY KEY (checkpoint, config_hash, head, loss, method)
 );
 """
+#: Rows replaced because their checkpoint file changed (another content_hash), with the time they were replaced.
+HISTORY_SCHEMA = ("CREATE TABLE IF NOT EXISTS attribution_history (" + ", ".join(ATTRIBUTION_COLUMNS)
+                  + ", replaced_at TEXT)")
 #: The ``library`` of the lease a driver takes on a checkpoint's attribution rows.
 LEASE_LIBRARY = "attribution"
 
@@ -277,15 +280,20 @@ def failed_attribution_rows(task: Any, error: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- the store
 def create_table(conn: sqlite3.Connection) -> None:
-    """Add the ``attribution`` table to a results database (a no-op when it exists)."""
+    """Add the ``attribution`` and ``attribution_history`` tables to a results database (no-ops when they exist)."""
     conn.executescript(SCHEMA)
+    conn.execute(HISTORY_SCHEMA)
 
 
 def write_rows(conn: sqlite3.Connection, rows: Sequence[dict[str, Any]], host: str, now: str) -> None:
-    """Replace one checkpoint's attribution rows, inside the caller's open transaction (the checkpoint's)."""
+    """Replace one checkpoint's attribution rows, inside the caller's open transaction (the checkpoint's). Stored
+    rows of another ``content_hash`` (the checkpoint file changed) move to ``attribution_history``, as IIS rows
+    move to ``results_history``; a retried failure of the same file is replaced."""
     cols = ", ".join(ATTRIBUTION_COLUMNS)
     marks = ", ".join("?" for _ in ATTRIBUTION_COLUMNS)
-    for key in dict.fromkeys((r["checkpoint"], r["config_hash"]) for r in rows):
+    for key, content_hash in {(r["checkpoint"], r["config_hash"]): r.get("content_hash") for r in rows}.items():
+        conn.execute(f"INSERT INTO attribution_history ({cols}, replaced_at) SELECT {cols}, ? FROM attribution "
+                     "WHERE checkpoint = ? AND config_hash = ? AND content_hash IS NOT ?", (now, *key, content_hash))
         conn.execute("DELETE FROM attribution WHERE checkpoint = ? AND config_hash = ?", key)
         conn.execute("DELETE FROM leases WHERE checkpoint = ? AND library = ? AND config_hash = ?",
                      (key[0], LEASE_LIBRARY, key[1]))
@@ -310,9 +318,10 @@ def stored(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[str, str | N
 
 
 def load_attribution(db: Any, keys: Iterable[tuple[str, str]] | None = None,
-                     status: str | None = "ok") -> pd.DataFrame:
+                     status: str | None = "ok", history: bool = False) -> pd.DataFrame:
     """The ``attribution`` table of a sweep database (rows of ``keys`` = (checkpoint, config_hash) only, when
-    given; with ``status`` only), ordered by step, path, head, loss, method. Empty when the table is absent."""
+    given; with ``status`` only), ordered by step, path, head, loss, method. ``history=True``: the rows replaced
+    because their checkpoint file changed (``attribution_history``, with ``replaced_at``) instead."""
     from .store import ResultStore
     conn = db.conn if isinstance(db, ResultStore) else None
     own = None
@@ -320,7 +329,7 @@ def load_attribution(db: Any, keys: Iterable[tuple[str, str]] | None = None,
         own = ResultStore(db, create=False)
         conn = own.conn
     try:
-        df = pd.read_sql_query("SELECT * FROM attribution", conn)
+        df = pd.read_sql_query(f"SELECT * FROM {'attribution_history' if history else 'attribution'}", conn)
     finally:
         if own is not None:
             own.close()
