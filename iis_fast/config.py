@@ -100,12 +100,15 @@ class IISConfig:
     cache_dir: str | None = option(None, "feature cache directory (unset: ~/.cache/iis_fast or $IIS_FAST_CACHE)")
     progress: bool = option(True, "show progress bars", cli=False)      # each command's --no-progress sets it
     extract_batch_size: int = option(64, "backbone batch size for extraction")
-    element_batch_size: int = option(128, "backbone batch size for embedding concept elements (default: the "
-                                     "fastest measured on CPU for the demo models, docs/throughput.md)")
+    element_batch_size: int = option(0, "backbone batch size for embedding concept elements; 0 = auto: on a CPU "
+                                     "a batch of about 2 million input pixels (128 images at 128 px, 32 at 224 px: "
+                                     "the fastest measured, docs/throughput.md), 256 on a GPU")
     extract_dtype: str = option("auto", "backbone compute dtype for extraction: auto is bfloat16 on a GPU or a CPU "
                                 "with native bf16, else float32 (IIS effect measured in docs/throughput.md)",
                                 choices=("auto",) + DTYPES)
     channels_last: bool = option(True, "run the backbone in channels-last memory format (same float32 math)")
+    fold_bn: bool = option(True, "fold eval-mode BatchNorm into the convolution feeding it for extraction (a copy "
+                           "of the model, checked against it on the first batch; docs/throughput.md)")
     compile: bool = option(False, "torch.compile the backbone's forward for extraction")
 
     def __post_init__(self) -> None:
@@ -161,9 +164,12 @@ class IISConfig:
             raise IISInputError(f"seed={self.seed}: must be >= 0 (numpy seeds are non-negative)")
         if self.num_concepts < 2:
             raise IISInputError(f"num_concepts={self.num_concepts}: need at least 2 concepts")
-        for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size", "element_batch_size"):
+        for name in ("epochs", "batch_size", "images_per_class", "extract_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise IISInputError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if int(self.element_batch_size) < 0:
+            raise IISInputError(f"element_batch_size={self.element_batch_size}: must be a positive integer, or 0 "
+                                "for auto")
         if self.extract_dtype not in DTYPES:           # "auto" is resolved in __post_init__
             raise IISInputError(f"extract_dtype={self.extract_dtype!r}: choose one of {('auto',) + DTYPES}")
         if self.repeats < 1:

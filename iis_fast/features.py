@@ -78,7 +78,7 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def representation_fn(model: nn.Module, layer: str | None = None, *, dtype: str = "float32",
-                      channels_last: bool = False, compile: bool = False) -> EmbedFn:
+                      channels_last: bool = False, compile: bool = False, fold_bn: bool = False) -> EmbedFn:
     """A function images -> [B, D] float32 representation of `model` (in eval mode, inference mode).
 
     - `layer` given: the (pooled) output of that named submodule;
@@ -87,42 +87,63 @@ def representation_fn(model: nn.Module, layer: str | None = None, *, dtype: str 
 
     Speed options (the numbers they change are measured in docs/throughput.md): ``dtype`` runs the backbone
     under ``torch.autocast`` in bfloat16 or float16; ``channels_last`` converts the model and every batch to
-    channels-last memory format (same fp32 math, faster convolutions); ``compile`` wraps the forward in
-    ``torch.compile`` (layer hooks excluded).
+    channels-last memory format (same fp32 math, faster convolutions); ``fold_bn`` extracts with a copy of the
+    model whose eval-mode BatchNorms are folded into their convolutions (:func:`iis_fast.models.fold.fold_batchnorm`,
+    found and checked on the first batch; a copy that fails the check is not used, with a warning); ``compile``
+    wraps the forward in ``torch.compile`` (layer hooks excluded).
     """
     model.eval()
     if dtype not in EXTRACT_DTYPES:
         raise IISInputError(f"dtype={dtype!r}: choose one of {', '.join(EXTRACT_DTYPES)}")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     if layer is not None:
         try:
-            sub = model.get_submodule(layer)
+            model.get_submodule(layer)
         except AttributeError:
             names = [n for n, _ in model.named_modules() if n][-8:]
             raise IISInputError(f"layer={layer!r} is not a submodule of {type(model).__name__}; "
                                 f"the last few are {names}") from None
-        raw = _hooked(model, sub, lambda mod, inp, out: _pool(out, f"layer {layer!r}"), forward=True)
-    elif hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        def raw(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
-        if compile:
-            raw = torch.compile(raw, dynamic=True)
-    else:
-        clf = _find_classifier(model)
-        if clf is None:
-            raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm "
-                                "model nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
-        raw = _hooked(model, clf, lambda mod, inp: inp[0].flatten(1), forward=False)
+    elif not (hasattr(model, "forward_features") and hasattr(model, "forward_head")) and _find_classifier(model) is None:
+        raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm "
+                            "model nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
     amp = EXTRACT_DTYPES[dtype]
+    state: dict[str, EmbedFn] = {}
+
+    def build(x: torch.Tensor) -> EmbedFn:
+        net = model
+        if fold_bn:
+            from .models.fold import fold_batchnorm
+            sample = x[:8].float()
+            net, _, note = fold_batchnorm(model, lambda m: _raw_fn(m, layer, False)(sample))
+            if note:
+                from .errors import IISWarning
+                warnings.warn(note, IISWarning, stacklevel=3)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        return _raw_fn(net, layer, compile)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
+        if "raw" not in state:
+            with torch.no_grad():
+                state["raw"] = build(x)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp != torch.float32):
-            out = raw(x).float()
+            out = state["raw"](x).float()
         return out.clone()          # a normal tensor (inference tensors cannot enter autograd later)
     return embed
+
+
+def _raw_fn(model: nn.Module, layer: str | None, compile: bool) -> EmbedFn:
+    """The representation forward of ``model`` as it stands (no dtype, memory-format or mode handling)."""
+    if layer is not None:
+        sub = model.get_submodule(layer)
+        return _hooked(model, sub, lambda mod, inp, out: _pool(out, f"layer {layer!r}"), forward=True)
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        def raw(x: torch.Tensor) -> torch.Tensor:
+            return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+        return torch.compile(raw, dynamic=True) if compile else raw
+    clf = _find_classifier(model)
+    return _hooked(model, clf, lambda mod, inp: inp[0].flatten(1), forward=False)
 
 
 def _hooked(model: nn.Module, sub: nn.Module, grab: Callable, forward: bool) -> EmbedFn:

@@ -217,8 +217,9 @@ def score(model: Any, loader: Any, eval_loader: Any = None, *, checkpoint: str |
     loader, eval_loader = resolve_data(loader, eval_loader, pre, cache_dir=cfg.cache_dir or default_cache_dir(),
                                        batch_size=cfg.extract_batch_size, device=cfg.device)
     embed = representation_fn(net, layer, dtype=cfg.extract_dtype, channels_last=cfg.channels_last,
-                              compile=cfg.compile)
-    extraction = f"{cfg.extract_dtype}|cl={int(cfg.channels_last)}|compile={int(cfg.compile)}"
+                              compile=cfg.compile, fold_bn=cfg.fold_bn)
+    extraction = (f"{cfg.extract_dtype}|cl={int(cfg.channels_last)}|compile={int(cfg.compile)}"
+                  + ("|fold" if cfg.fold_bn else ""))
     embed = expect_channels(embed, input_channels(net), model_name)
     cache = FeatureCache(cfg.cache_dir)
     mfp = model_fingerprint(net, layer)
