@@ -90,7 +90,7 @@ def run_score(name: str, setting: dict, args, cache: str) -> dict:
     train, ev = fashion_mnist_loaders(args.n_train, args.n_eval, args.image_size, pre["mean"], pre["std"],
                                       batch_size=100, seed=0)
     r = score(model, train, eval_loader=ev, image_size=args.image_size, progress=False, cache_dir=cache,
-              extract_batch_size=args.batch, backend="auto", **setting)
+              extract_batch_size=args.batch, backend="auto", repeats=args.iis_repeats, **setting)
     wall = time.perf_counter() - t0
     n_el = 0
     root = FeatureCache(cache).root
@@ -99,7 +99,8 @@ def run_score(name: str, setting: dict, args, cache: str) -> dict:
         if info.get("kind") == "elements":
             n_el = int(np.load(meta.parent / "labels.npy", mmap_mode="r").shape[0])
     t = r.timings
-    return {"wall_s": wall, "iis": r.iis, "acc_std": r.acc_std, "acc": r.acc, "n_elements": n_el,
+    return {"wall_s": wall, "iis": r.iis, "iis_sd": r.uncertainty.get("iis_sd"), "repeats": args.iis_repeats,
+            "acc_std": r.acc_std, "acc": r.acc, "n_elements": n_el,
             "extract_s": t.get("extract_train", 0) + t.get("extract_eval", 0),
             "fingerprint_s": t.get("fingerprint_train", 0) + t.get("fingerprint_eval", 0),
             "concepts_s": t.get("concepts", 0), "train_s": t.get("train", 0), "model_s": t.get("model", 0),
@@ -115,7 +116,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="extraction batch size of score()")
     ap.add_argument("--floor-images", type=int, default=512)
     ap.add_argument("--floor-batches", type=int, nargs="+", default=[32, 64, 128, 256])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="floor passes per batch size (the best is kept)")
+    ap.add_argument("--iis-repeats", type=int, default=1, help="score()'s repeats: IIS as the mean of this many "
+                    "grids, so that the IIS change between settings can be told from the grids' seed noise")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
     ap.add_argument("--out", default="bench/results/score_floor.json")
     ap.add_argument("--trajectory", default=None, help="per-checkpoint table instead: the folder of "
@@ -206,6 +209,12 @@ def main_table(args) -> None:
     print(render_checkpoints_markdown(out))
 
 
+def iis_of(r: dict) -> str:
+    """How the table's IIS was computed: one grid, or the mean of R grids with their standard deviation."""
+    s = next(iter(r["settings"].values()))
+    return f" (mean of {s['repeats']} grids ± sd)" if s.get("repeats", 1) > 1 else ""
+
+
 def render_markdown(res: dict) -> str:
     """The README/docs table of a ``score_floor.json``."""
     m = res["machine"]
@@ -221,12 +230,13 @@ def render_markdown(res: dict) -> str:
                   f"{f['images_per_s'] * r['gflops_per_image']:.0f} GFLOP/s, "
                   f"{100 * f['images_per_s'] * r['gflops_per_image'] / bar:.0f}% of matmul).", "",
                   "| extraction | end-to-end s | floor s | end-to-end / floor | extract s | concepts s | heads s "
-                  "| images embedded | IIS | IIS change vs plain |",
+                  f"| images embedded | IIS{iis_of(r)} | IIS change vs plain |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, s in r["settings"].items():
             lines.append(f"| {label} | {s['wall_s']:.1f} | {s['floor_s']:.1f} | {s['end_to_end_over_floor']:.2f}x "
                          f"| {s['extract_s']:.1f} | {s['concepts_s']:.1f} | {s['train_s']:.1f} "
-                         f"| {s['images_embedded']} | {s['iis']:.4f} | "
+                         f"| {s['images_embedded']} | {s['iis']:.4f}"
+                         + (f" ± {s['iis_sd']:.4f}" if s.get("iis_sd") is not None else "") + " | "
                          + (f"{s['iis_change_vs_plain']:+.4f} |" if s["iis_change_vs_plain"] is not None
                             else "not run |"))
         lines.append("")

@@ -101,8 +101,8 @@ class IISConfig:
     progress: bool = option(True, "show progress bars", cli=False)      # each command's --no-progress sets it
     extract_batch_size: int = option(64, "backbone batch size for extraction")
     element_batch_size: int = option(0, "backbone batch size for embedding concept elements; 0 = auto: on a CPU "
-                                     "a batch of about 2 million input pixels (128 images at 128 px, 32 at 224 px: "
-                                     "the fastest measured, docs/throughput.md), 256 on a GPU")
+                                     "a batch of at most 2^19 input pixels (32 images at 128 px, 8 at 224 px: "
+                                     "among the fastest measured, docs/throughput.md), 256 on a GPU")
     extract_dtype: str = option("auto", "backbone compute dtype for extraction: auto is bfloat16 on a GPU or a CPU "
                                 "with native bf16, else float32 (IIS effect measured in docs/throughput.md)",
                                 choices=("auto",) + DTYPES)

@@ -30,9 +30,10 @@ def _cached(cache: Any, key: str) -> dict[str, Any] | None:
     return hit
 
 
-#: Input pixels per element batch on a CPU: the fastest batch measured for MobileNetV2 holds about this many at
-#: 28, 128 and 224 px (256, 128 and 32 images; docs/throughput.md).
-CPU_BATCH_PIXELS = 2 ** 21
+#: Input pixels per element batch on a CPU. With BatchNorm folded, MobileNetV2 and EfficientNet-Lite0 ran fastest
+#: at 32 images at 128 px and 8-32 at 224 px in interleaved measurements (docs/throughput.md): small batches keep the
+#: activations in cache.
+CPU_BATCH_PIXELS = 2 ** 19
 
 
 def element_batch(size: tuple[int, ...], device: str | torch.device) -> int:
