@@ -345,7 +345,7 @@ def pretrained_table(args) -> dict:
             if rows:
                 _drop_features(cache)
             row = _score_checkpoint(model, loaders, size, cache, args, args.native_n_train, args.native_n_eval,
-                                    [32, 64], images_per_class=args.native_images_per_class)
+                                    [8, 16, 32, 64], images_per_class=args.native_images_per_class)
             row.update(run=label, image_size=size)
             rows.append(row)
             print(args.native_model, label, {k: round(v, 3) if isinstance(v, float) else v
