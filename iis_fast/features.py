@@ -95,16 +95,7 @@ def representation_fn(model: nn.Module, layer: str | None = None, *, dtype: str 
     model.eval()
     if dtype not in EXTRACT_DTYPES:
         raise IISInputError(f"dtype={dtype!r}: choose one of {', '.join(EXTRACT_DTYPES)}")
-    if layer is not None:
-        try:
-            model.get_submodule(layer)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n][-8:]
-            raise IISInputError(f"layer={layer!r} is not a submodule of {type(model).__name__}; "
-                                f"the last few are {names}") from None
-    elif not (hasattr(model, "forward_features") and hasattr(model, "forward_head")) and _find_classifier(model) is None:
-        raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm "
-                            "model nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
+    _raw_fn(model, layer, False)            # finds the representation now, or says why it cannot
     amp = EXTRACT_DTYPES[dtype]
     state: dict[str, EmbedFn] = {}
 
@@ -134,15 +125,24 @@ def representation_fn(model: nn.Module, layer: str | None = None, *, dtype: str 
 
 
 def _raw_fn(model: nn.Module, layer: str | None, compile: bool) -> EmbedFn:
-    """The representation forward of ``model`` as it stands (no dtype, memory-format or mode handling)."""
+    """The representation forward of ``model`` as it stands (no dtype, memory-format or mode handling); an
+    :class:`IISInputError` when ``layer`` is not a submodule or the model has no representation to find."""
     if layer is not None:
-        sub = model.get_submodule(layer)
+        try:
+            sub = model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n][-8:]
+            raise IISInputError(f"layer={layer!r} is not a submodule of {type(model).__name__}; "
+                                f"the last few are {names}") from None
         return _hooked(model, sub, lambda mod, inp, out: _pool(out, f"layer {layer!r}"), forward=True)
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         def raw(x: torch.Tensor) -> torch.Tensor:
             return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
         return torch.compile(raw, dynamic=True) if compile else raw
     clf = _find_classifier(model)
+    if clf is None:
+        raise IISInputError(f"cannot find the representation of {type(model).__name__}: it is neither a timm "
+                            "model nor has a final classifier Linear (fc/classifier/head); pass layer='<module name>'")
     return _hooked(model, clf, lambda mod, inp: inp[0].flatten(1), forward=False)
 
 

@@ -37,9 +37,10 @@ def _after_fold(bn: nn.Module) -> nn.Module:
     return nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
 
 
-def _pairs(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> list[tuple[str, str]]:
+def _pairs(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]
+           ) -> tuple[list[tuple[str, str]], torch.Tensor]:
     """(conv name, bn name) pairs in which the BatchNorm's input is the convolution's output and nothing else
-    (no other module) reads that output, as seen in one forward pass."""
+    (no other module) reads that output, as seen in one forward pass; and that pass's output."""
     names = {m: n for n, m in model.named_modules()}
     produced: dict[int, tuple[str, torch.Tensor]] = {}     # id(output) -> (conv name, output kept alive)
     readers: dict[int, list[str]] = {}
@@ -60,7 +61,7 @@ def _pairs(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> list[t
         hooks.append(m.register_forward_pre_hook(any_in))
     try:
         with torch.no_grad():
-            run(model)
+            out = run(model)
     finally:
         for h in hooks:
             h.remove()
@@ -70,7 +71,7 @@ def _pairs(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> list[t
         r = readers.get(key, [])
         if len(r) == 1 and _foldable_bn(modules[r[0]]):
             pairs.append((conv, r[0]))
-    return pairs
+    return pairs, out
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,7 +87,7 @@ def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -
     when nothing folds or the check fails (``note`` then says why; empty otherwise).
     """
     model.eval()
-    pairs = _pairs(model, run)
+    pairs, want = _pairs(model, run)
     if not pairs:
         return model, 0, ""
     folded = copy.deepcopy(model).eval()
@@ -95,7 +96,7 @@ def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -
         _set(folded, conv, fuse_conv_bn_eval(c, b))
         _set(folded, bn, _after_fold(b))
     with torch.no_grad():
-        want, got = run(model).float(), run(folded).float()
+        want, got = want.float(), run(folded).float()
     scale = float(want.abs().max()) if want.numel() else 0.0
     diff = float((want - got).abs().max()) if want.numel() else 0.0
     if not torch.isfinite(got).all() or diff > FOLD_RTOL * max(scale, 1.0):
