@@ -387,8 +387,9 @@ def render_checkpoints_markdown(res: dict) -> str:
                   f"images, the others read them). Floor: {r0['floor_setting']}, batch {r0['floor_batch']}.", "",
                   *measured(t), "| step | test acc " + head, "|---:|---:" + rule]
         lines += [f"| {r['step']} | {r['test_acc']:.3f} " + cells(r) for r in t["rows"]]
-        ratios = sorted(r["end_to_end_over_floor"] for r in t["rows"][1:]) or [r0["end_to_end_over_floor"]]
-        lines += ["", f"Median end-to-end / floor after the first checkpoint: {ratios[len(ratios) // 2]:.2f}x.", ""]
+        median, _ = trajectory_median(t)
+        lines += ["", f"Median end-to-end / floor after the first checkpoint: "
+                      f"{median['end_to_end_over_floor']:.2f}x.", ""]
     p = res.get("pretrained")
     if p:
         r0 = p["rows"][0]
@@ -402,13 +403,19 @@ def render_checkpoints_markdown(res: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def trajectory_median(t: dict) -> tuple[dict, int]:
+    """The trajectory row with the median end-to-end / floor after the first checkpoint (which alone builds the
+    element images), and how many rows that median is over."""
+    rows = sorted(t["rows"][1:] or t["rows"], key=lambda r: r["end_to_end_over_floor"])
+    return rows[len(rows) // 2], len(rows)
+
+
 def render_summary_markdown(floor: dict, table: dict) -> str:
     """The README's summary: end-to-end / floor per stage for the demo models (default extraction), the
     trajectory (median after its first checkpoint) and the pretrained backbone at 224 px (element images cached)."""
     lines = ["| checkpoint | images at px | end-to-end s | floor s | **end-to-end / floor** | extract / floor "
              "| concepts / floor |", "|---|---|---:|---:|---:|---:|---:|"]
-    default = DEFAULT_SETTING if any(DEFAULT_SETTING in r["settings"] for r in floor["models"].values()) \
-        else "bf16 channels-last"                  # a results file measured before BN folding existed
+    default = DEFAULT_SETTING
     for name, r in floor["models"].items():
         s = r["settings"].get(default)
         if not s:
@@ -421,9 +428,8 @@ def render_summary_markdown(floor: dict, table: dict) -> str:
                      f"| {s['extract_s'] / (n_tv / rate):.2f}x | {s['concepts_s'] / (n_el / rate):.2f}x |")
     t = table.get("trajectory")
     if t and t["rows"]:
-        rows = sorted(t["rows"][1:] or t["rows"], key=lambda r: r["end_to_end_over_floor"])
-        r = rows[len(rows) // 2]
-        lines.append(f"| {t['model']} trajectory, median of {len(rows)} checkpoints (step {r['step']}) "
+        r, n = trajectory_median(t)
+        lines.append(f"| {t['model']} trajectory, median of {n} checkpoints (step {r['step']}) "
                      f"| {t['n_train'] + t['n_eval'] + r['n_elements']} at {r['image_size']} | {r['wall_s']:.1f} "
                      f"| {r['floor_s']:.2f} | **{r['end_to_end_over_floor']:.2f}x** | {r['extract_over_floor']:.2f}x "
                      f"| {r['concepts_over_floor']:.2f}x |")
